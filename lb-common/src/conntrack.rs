@@ -1,0 +1,102 @@
+//! Conntrack: one entry per direction of a load-balanced flow.
+
+use crate::map_type;
+
+/// Direction of a conntrack entry.
+pub mod direction {
+    /// Client → frontend, as the client sent it (before DNAT).
+    pub const FORWARD: u8 = 0;
+    /// Backend → client, as the backend sent it (before rev-NAT).
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of the conntrack map: the full 5-tuple as seen on the wire, plus the
+/// direction. Both addresses and both ports are in the key, so two clients
+/// that use the same source port never share an entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// Source address, wire order.
+    pub saddr: u32,
+    /// Destination address, wire order.
+    pub daddr: u32,
+    /// Source port, wire order.
+    pub sport: u16,
+    /// Destination port, wire order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// One of [`direction`].
+    pub direction: u8,
+    /// Reserved, zero.
+    pub pad: u16,
+}
+map_type!(CtKey, 16);
+
+/// TCP state of a conntrack entry, as far as timeouts need it.
+pub mod ct_state {
+    /// Only a SYN was seen so far (or a non-TCP flow).
+    pub const NEW: u8 = 0;
+    /// Packets beyond the opening SYN were seen.
+    pub const ESTABLISHED: u8 = 1;
+    /// A FIN or RST was seen: the entry lives [`crate::CT_TIMEOUT_TCP_CLOSING_NS`] more.
+    pub const CLOSING: u8 = 2;
+}
+
+/// Value of the conntrack map.
+///
+/// For a [`direction::FORWARD`] entry `nat_addr:nat_port` is the backend the
+/// destination is rewritten to; for a [`direction::REPLY`] entry it is the
+/// frontend the source is rewritten back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// Last time a packet of this direction was seen (`bpf_ktime_get_coarse_ns`,
+    /// i.e. `CLOCK_MONOTONIC_COARSE`), refreshed at most once a second.
+    pub last_seen_ns: u64,
+    /// The address to translate to, wire order.
+    pub nat_addr: u32,
+    /// The port to translate to, wire order.
+    pub nat_port: u16,
+    /// One of [`ct_state`].
+    pub state: u8,
+    /// Reserved, zero.
+    pub pad: u8,
+    /// The backend the flow was balanced to.
+    pub backend_id: u32,
+    /// [`crate::Frontend::id`] of the frontend the flow was addressed to.
+    pub frontend_id: u32,
+}
+map_type!(CtEntry, 24);
+
+const SECOND_NS: u64 = 1_000_000_000;
+/// A TCP flow that has seen only its SYN (Cilium and netfilter: 60 s).
+pub const CT_TIMEOUT_TCP_NEW_NS: u64 = 60 * SECOND_NS;
+/// An idle established TCP flow (kube-proxy sets netfilter's to 24 h).
+pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 24 * 3600 * SECOND_NS;
+/// A TCP flow after FIN or RST (netfilter's CLOSE/TIME_WAIT scale).
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * SECOND_NS;
+/// An idle UDP flow (netfilter's UDP stream timeout).
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * SECOND_NS;
+/// How stale `last_seen_ns` may get before a packet refreshes it; saves a
+/// write (and a cache-line bounce between CPUs) on most packets.
+pub const CT_REFRESH_NS: u64 = SECOND_NS;
+
+impl CtEntry {
+    /// How long this entry lives after `last_seen_ns`.
+    pub const fn lifetime_ns(&self, proto: u8) -> u64 {
+        if proto != crate::PROTO_TCP {
+            return CT_TIMEOUT_UDP_NS;
+        }
+        match self.state {
+            ct_state::NEW => CT_TIMEOUT_TCP_NEW_NS,
+            ct_state::CLOSING => CT_TIMEOUT_TCP_CLOSING_NS,
+            _ => CT_TIMEOUT_TCP_ESTABLISHED_NS,
+        }
+    }
+
+    /// Whether the entry has expired at `now_ns`.
+    pub const fn is_expired(&self, proto: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns(proto)
+    }
+}

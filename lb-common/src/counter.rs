@@ -1,0 +1,93 @@
+//! The datapath's counters: one per verdict or drop reason, per CPU.
+
+use crate::map_type;
+
+/// Why a packet got the verdict it got. Used as the index of the per-CPU
+/// counters map and as the `reason` label of the exported metric.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not IPv4: passed untouched.
+    PassNotIpv4 = 0,
+    /// Not TCP/UDP, not addressed to a frontend, not a reply of a load-balanced
+    /// flow: passed untouched.
+    PassNotLoadBalanced,
+    /// A non-first IP fragment (no ports to match): passed untouched.
+    PassFragment,
+    /// Malformed or truncated, not addressed to a frontend: passed untouched.
+    PassMalformed,
+    /// A new flow to a frontend: backend chosen, DNAT applied.
+    ForwardNew,
+    /// A packet of a known flow: DNAT applied from conntrack.
+    ForwardEstablished,
+    /// A reply of a known flow: source translated back to the frontend.
+    RevNat,
+    /// Addressed to a frontend that has no backend.
+    DropNoBackend,
+    /// The first fragment of a datagram addressed to a frontend (xlb does
+    /// not reassemble, and translating one fragment would corrupt it).
+    DropFragment,
+    /// Addressed to a frontend but the L4 header is truncated or malformed.
+    DropMalformed,
+    /// The conntrack entry could not be written.
+    DropConntrackFull,
+}
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASON_COUNT] = [
+        Reason::PassNotIpv4,
+        Reason::PassNotLoadBalanced,
+        Reason::PassFragment,
+        Reason::PassMalformed,
+        Reason::ForwardNew,
+        Reason::ForwardEstablished,
+        Reason::RevNat,
+        Reason::DropNoBackend,
+        Reason::DropFragment,
+        Reason::DropMalformed,
+        Reason::DropConntrackFull,
+    ];
+
+    /// The snake_case name used in metrics and the `stats` command.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotLoadBalanced => "pass_not_load_balanced",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::ForwardNew => "forward_new",
+            Reason::ForwardEstablished => "forward_established",
+            Reason::RevNat => "rev_nat",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropConntrackFull => "drop_conntrack_full",
+        }
+    }
+
+    /// Whether packets counted here are dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropNoBackend
+                | Reason::DropFragment
+                | Reason::DropMalformed
+                | Reason::DropConntrackFull
+        )
+    }
+}
+
+/// Number of [`Reason`]s: the size of the counters map.
+pub const REASON_COUNT: usize = 11;
+
+/// Value of the per-CPU counters map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted (as `skb->len` / frame length).
+    pub bytes: u64,
+}
+map_type!(Counter, 16);

@@ -1,0 +1,83 @@
+//! Frontends (what clients address), their backend slots and the backends.
+
+use crate::map_type;
+
+/// Where a frontend is reachable from. ClusterIPs are internal; NodePort,
+/// LoadBalancer and external IPs are external (they may differ in policy).
+pub mod scope {
+    /// Reached from pods on this node (ClusterIP).
+    pub const INTERNAL: u8 = 0;
+    /// Reached from outside the cluster (NodePort, LoadBalancer, externalIP).
+    pub const EXTERNAL: u8 = 1;
+}
+
+/// Key of the frontends map: one Service port on one address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// Destination address, wire order.
+    pub addr: u32,
+    /// Destination port, wire order.
+    pub port: u16,
+    /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+    pub proto: u8,
+    /// One of [`scope`].
+    pub scope: u8,
+}
+map_type!(FrontendKey, 8);
+
+/// How many backend tiers a frontend may have (same node, same zone, all).
+pub const MAX_TIERS: usize = 3;
+
+/// Value of the frontends map ("slot 0" in Cilium's words).
+///
+/// The frontend's backends sit in the slots map under `(id, 0..n)`, tier after
+/// tier: slots `0..tier_len[0]` are tier 0, the next `tier_len[1]` tier 1, and
+/// so on. The kernel picks from the first non-empty tier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// Stable id chosen by user space; the slots of this frontend are keyed by it.
+    pub id: u32,
+    /// Number of slots in each tier.
+    pub tier_len: [u16; MAX_TIERS],
+    /// Bit set of `FRONTEND_F_*` flags.
+    pub flags: u16,
+}
+map_type!(Frontend, 12);
+
+impl Frontend {
+    /// Total number of slots over all tiers.
+    pub const fn slot_count(&self) -> u32 {
+        self.tier_len[0] as u32 + self.tier_len[1] as u32 + self.tier_len[2] as u32
+    }
+}
+
+/// Key of the slots map: the `slot`-th backend of frontend `frontend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// [`Frontend::id`].
+    pub frontend_id: u32,
+    /// Index among the frontend's slots, counted over all tiers.
+    pub slot: u32,
+}
+map_type!(SlotKey, 8);
+
+/// Value of the backends map, keyed by a stable backend id (`u32`).
+///
+/// Ids are never reused while a conntrack entry may still name them, so a
+/// flow whose backend was removed is noticed (lookup misses) and re-balanced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Backend (pod) address, wire order.
+    pub addr: u32,
+    /// Backend (target) port, wire order.
+    pub port: u16,
+    /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
+    pub proto: u8,
+    /// Reserved, zero.
+    pub pad: u8,
+}
+map_type!(Backend, 8);

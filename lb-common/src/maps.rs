@@ -1,0 +1,28 @@
+//! Map names (as the loader, the pins under the bpffs dir and the CLI know
+//! them) and capacities. Both sides use these constants.
+
+/// Frontends: [`crate::FrontendKey`] → [`crate::Frontend`].
+pub const FRONTENDS: &str = "XLB_FRONTENDS";
+/// Capacity of [`FRONTENDS`].
+pub const FRONTENDS_MAX: u32 = 131_072;
+
+/// Backend slots: [`crate::SlotKey`] → backend id (`u32`).
+pub const SLOTS: &str = "XLB_SLOTS";
+/// Capacity of [`SLOTS`].
+pub const SLOTS_MAX: u32 = 1_048_576;
+
+/// Backends: backend id (`u32`) → [`crate::Backend`].
+pub const BACKENDS: &str = "XLB_BACKENDS";
+/// Capacity of [`BACKENDS`].
+pub const BACKENDS_MAX: u32 = 524_288;
+
+/// Conntrack (LRU): [`crate::CtKey`] → [`crate::CtEntry`].
+pub const CONNTRACK: &str = "XLB_CONNTRACK";
+/// Capacity of [`CONNTRACK`] (two entries per flow).
+pub const CONNTRACK_MAX: u32 = 262_144;
+
+/// Per-CPU counters: [`crate::Reason`] as `u32` → [`crate::Counter`].
+pub const COUNTERS: &str = "XLB_COUNTERS";
+
+/// Every pinned map, for cleanup and inspection.
+pub const ALL: [&str; 5] = [FRONTENDS, SLOTS, BACKENDS, CONNTRACK, COUNTERS];

@@ -1,0 +1,97 @@
+//! The load-balancing pipelines, in the order the problem reads:
+//! parse → frontend lookup → conntrack → select backend → NAT.
+
+use aya_ebpf::programs::TcContext;
+use lb_common::{Reason, direction, scope};
+
+use crate::{
+    conntrack, frontend,
+    nat::{self, Side},
+    packet::{self, MAX_HEADER_LEN, Packet},
+    select,
+};
+
+/// The packet's headers as direct-access memory. Headers of a non-linear
+/// skb are pulled into the linear part first (rare: GSO/GRO packets).
+#[inline(always)]
+fn tc_packet(ctx: &TcContext) -> Packet {
+    let linear = ctx.data_end() - ctx.data();
+    let len = ctx.len() as usize;
+    if linear < MAX_HEADER_LEN && len > linear {
+        let want = if len < MAX_HEADER_LEN { len } else { MAX_HEADER_LEN };
+        // On failure the parser finds a short packet and passes it.
+        let _ = ctx.pull_data(want as u32);
+    }
+    Packet::new(ctx.data(), ctx.data_end())
+}
+
+/// A pod's packet: DNAT to a backend when it is addressed to a frontend.
+#[inline(always)]
+pub fn forward(ctx: &TcContext) -> Reason {
+    let pkt = tc_packet(ctx);
+    let flow = match packet::parse(&pkt) {
+        Ok(flow) => flow,
+        Err(reason) => return reason,
+    };
+    let Some(frontend) = frontend::lookup(&flow, scope::INTERNAL) else {
+        return if flow.is_complete {
+            Reason::PassNotLoadBalanced
+        } else {
+            Reason::PassMalformed
+        };
+    };
+    if flow.is_fragment {
+        return Reason::DropFragment;
+    }
+    if !flow.is_complete {
+        return Reason::DropMalformed;
+    }
+    let now = conntrack::now_ns();
+    let established = conntrack::lookup(&flow, direction::FORWARD, now)
+        .filter(|entry| select::lookup_backend(entry.backend_id).is_some());
+    let (addr, port, reason) = match established {
+        Some(entry) => (entry.nat_addr, entry.nat_port, Reason::ForwardEstablished),
+        None => {
+            let Some(chosen) = select::select_backend(&frontend) else {
+                return Reason::DropNoBackend;
+            };
+            if conntrack::create(&flow, frontend.id, &chosen, now).is_err() {
+                return Reason::DropConntrackFull;
+            }
+            (chosen.backend.addr, chosen.backend.port, Reason::ForwardNew)
+        }
+    };
+    match nat::rewrite_tc(ctx, &pkt, &flow, Side::Destination, addr, port) {
+        Ok(()) => reason,
+        Err(_) => Reason::DropMalformed,
+    }
+}
+
+/// A packet delivered to a pod: rev-NAT when it is a reply of a
+/// load-balanced flow (backend → frontend as the source).
+#[inline(always)]
+pub fn reverse(ctx: &TcContext) -> Reason {
+    let pkt = tc_packet(ctx);
+    let flow = match packet::parse(&pkt) {
+        Ok(flow) => flow,
+        Err(reason) => return reason,
+    };
+    let now = conntrack::now_ns();
+    let Some(entry) = conntrack::lookup(&flow, direction::REPLY, now) else {
+        return if flow.is_complete {
+            Reason::PassNotLoadBalanced
+        } else {
+            Reason::PassMalformed
+        };
+    };
+    if flow.is_fragment {
+        return Reason::DropFragment;
+    }
+    if !flow.is_complete {
+        return Reason::DropMalformed;
+    }
+    match nat::rewrite_tc(ctx, &pkt, &flow, Side::Source, entry.nat_addr, entry.nat_port) {
+        Ok(()) => Reason::RevNat,
+        Err(_) => Reason::DropMalformed,
+    }
+}

@@ -1,0 +1,36 @@
+//! Every map of the datapath, pinned by name under the agent's bpffs dir so
+//! that a restart of the agent keeps every flow. Names and capacities come
+//! from `lb_common::maps`; the `name` strings below must equal them (the
+//! user-space loader fails loudly if they don't).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey, REASON_COUNT, SlotKey, maps,
+};
+
+/// What clients address: (address, port, protocol, scope) → frontend.
+#[map(name = "XLB_FRONTENDS")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> =
+    HashMap::pinned(maps::FRONTENDS_MAX, BPF_F_NO_PREALLOC);
+
+/// The backends of each frontend, in tier order: (frontend id, slot) → backend id.
+#[map(name = "XLB_SLOTS")]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(maps::SLOTS_MAX, BPF_F_NO_PREALLOC);
+
+/// Backends by stable id.
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> =
+    HashMap::pinned(maps::BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+/// Conntrack, both directions of each load-balanced flow; LRU so a full
+/// table evicts the oldest flows instead of refusing new ones.
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(maps::CONNTRACK_MAX, 0);
+
+/// Packets and bytes per verdict/drop reason, per CPU.
+#[map(name = "XLB_COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT as u32, 0);

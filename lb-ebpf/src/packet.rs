@@ -1,0 +1,162 @@
+//! Bounds-checked packet access and the IPv4/TCP/UDP parser shared by every
+//! entry point.
+
+use core::mem::size_of;
+
+use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
+
+/// Ethernet header length; every hook xlb uses sees L2.
+pub const ETH_HLEN: usize = 14;
+/// Offset of the IPv4 header.
+pub const IP_OFF: usize = ETH_HLEN;
+/// Offset of the IPv4 header checksum.
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+/// Offset of the IPv4 source address (the destination follows it).
+pub const IP_SADDR_OFF: usize = IP_OFF + 12;
+/// Offset of the IPv4 destination address.
+pub const IP_DADDR_OFF: usize = IP_OFF + 16;
+/// Longest header prefix the parser reads: Ethernet, IPv4 with options, TCP.
+pub const MAX_HEADER_LEN: usize = ETH_HLEN + 60 + TCP_HLEN;
+
+const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
+const IP_FRAG_OFFSET_MASK: u16 = 0x1fff;
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
+const TCP_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// The linear part of a packet: `[data, data_end)`.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    data: usize,
+    data_end: usize,
+}
+
+impl Packet {
+    pub fn new(data: usize, data_end: usize) -> Self {
+        Self { data, data_end }
+    }
+
+    /// The one accessor for packet memory: a pointer to a `T` at `offset`,
+    /// or `None` when the packet is shorter. The verifier sees this check
+    /// before every access.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        let start = self.data + offset;
+        if start + size_of::<T>() > self.data_end {
+            return None;
+        }
+        Some(start as *mut T)
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes are in the
+        // packet; `read_unaligned` because packet headers have no alignment.
+        self.ptr_at::<T>(offset)
+            .map(|p| unsafe { core::ptr::read_unaligned(p) })
+    }
+}
+
+/// A TCP or UDP packet's addressing, as the parser found it.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    /// Source address, wire order.
+    pub saddr: u32,
+    /// Destination address, wire order.
+    pub daddr: u32,
+    /// Source port, wire order.
+    pub sport: u16,
+    /// Destination port, wire order.
+    pub dport: u16,
+    pub proto: u8,
+    /// TCP flags, 0 for UDP.
+    pub tcp_flags: u8,
+    /// Offset of the L4 header (after IP options).
+    pub l4_off: usize,
+    /// The source and destination ports in the packet, bounds-checked by
+    /// the parser. Kept as a pointer because the verifier does not carry a
+    /// range check across a recomputed variable offset (IP options), and
+    /// LLVM drops a second check it can prove redundant.
+    pub ports: *mut [u16; 2],
+    /// The first fragment of a fragmented datagram.
+    pub is_fragment: bool,
+    /// The whole L4 header is present (ports alone may be).
+    pub is_complete: bool,
+}
+
+impl Flow {
+    /// Offset of the L4 checksum.
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> usize {
+        if self.proto == PROTO_TCP {
+            self.l4_off + 16
+        } else {
+            self.l4_off + 6
+        }
+    }
+}
+
+/// Parses Ethernet + IPv4 + the TCP/UDP ports. `Err` carries the pass reason
+/// for packets that cannot be load balanced; they are never modified.
+#[inline(always)]
+pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
+    let ethertype: u16 = pkt.read(12).ok_or(Reason::PassMalformed)?;
+    if ethertype != ETH_P_IP_WIRE {
+        return Err(Reason::PassNotIpv4);
+    }
+    let ip: [u8; 20] = pkt.read(IP_OFF).ok_or(Reason::PassMalformed)?;
+    let version_ihl = ip[0];
+    // Masking bounds the header length for the verifier (at most 60 bytes).
+    let ip_hlen = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ip_hlen < 20 {
+        return Err(Reason::PassMalformed);
+    }
+    let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & IP_FRAG_OFFSET_MASK != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let proto = ip[9];
+    let l4_hlen = match proto {
+        PROTO_TCP => TCP_HLEN,
+        PROTO_UDP => UDP_HLEN,
+        _ => return Err(Reason::PassNotLoadBalanced),
+    };
+    let l4_off = IP_OFF + ip_hlen;
+    let ports_ptr = pkt.ptr_at::<[u16; 2]>(l4_off).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds-checked just above; headers are not aligned.
+    let ports = unsafe { core::ptr::read_unaligned(ports_ptr) };
+    let mut is_complete = total_len >= ip_hlen + l4_hlen;
+    let mut tcp_flags = 0;
+    if proto == PROTO_TCP {
+        match pkt.read::<[u8; TCP_HLEN]>(l4_off) {
+            Some(tcp) => {
+                tcp_flags = tcp[13];
+                is_complete &= (tcp[12] >> 4) >= 5;
+            }
+            None => is_complete = false,
+        }
+    } else {
+        is_complete &= pkt.ptr_at::<[u8; UDP_HLEN]>(l4_off).is_some();
+    }
+    Ok(Flow {
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        tcp_flags,
+        l4_off,
+        ports: ports_ptr,
+        is_fragment: frag & IP_MORE_FRAGMENTS != 0,
+        is_complete,
+    })
+}

@@ -1,0 +1,33 @@
+//! Per-CPU counters by verdict/drop reason, and the verdict itself.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use lb_common::Reason;
+
+use crate::maps::COUNTERS;
+
+/// Counts one packet of `bytes` under `reason`.
+#[inline(always)]
+pub fn count(reason: Reason, bytes: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU value: no other writer while this program runs on
+        // this CPU.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes as u64;
+        }
+    }
+}
+
+/// Counts the packet and turns its reason into the TC verdict.
+#[inline(always)]
+pub fn tc_verdict(ctx: &TcContext, reason: Reason) -> i32 {
+    count(reason, ctx.len());
+    if reason.is_drop() {
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_OK as i32
+    }
+}

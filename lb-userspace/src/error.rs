@@ -1,0 +1,34 @@
+//! The errors of the xlb library.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between xlb and the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("this xlb was built without its eBPF object: run `cargo xtask build`")]
+    MissingObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("the eBPF object has no program named {0}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map named {0}")]
+    MissingMap(&'static str),
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,71 @@
+//! Typed handles on the datapath's maps, either from a freshly loaded object
+//! or from the pins of a running (or stopped) agent.
+
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey, REASON_COUNT, Reason, SlotKey, maps,
+};
+
+use crate::Error;
+
+/// Every map of the datapath.
+pub struct Maps {
+    pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub counters: PerCpuArray<MapData, Counter>,
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, Error> {
+        Self::build(|name| ebpf.take_map(name).ok_or(Error::MissingMap(name)))
+    }
+
+    /// Opens the maps pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, Error> {
+        Self::build(|name| {
+            let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
+            Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+        })
+    }
+
+    fn build(mut open: impl FnMut(&'static str) -> Result<Map, Error>) -> Result<Self, Error> {
+        fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(
+            name: &'static str,
+            map: Map,
+        ) -> Result<T, Error> {
+            T::try_from(map).map_err(|source| Error::Map { name, source })
+        }
+        Ok(Self {
+            frontends: typed(maps::FRONTENDS, open(maps::FRONTENDS)?)?,
+            slots: typed(maps::SLOTS, open(maps::SLOTS)?)?,
+            backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,
+            conntrack: typed(maps::CONNTRACK, open(maps::CONNTRACK)?)?,
+            counters: typed(maps::COUNTERS, open(maps::COUNTERS)?)?,
+        })
+    }
+
+    /// The counters summed over all CPUs, one per [`Reason`].
+    pub fn counter_totals(&self) -> Result<[Counter; REASON_COUNT], Error> {
+        let mut totals = [Counter::default(); REASON_COUNT];
+        for reason in Reason::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(reason as u32), 0)
+                .map_err(|source| Error::Map {
+                    name: maps::COUNTERS,
+                    source,
+                })?;
+            let total = &mut totals[reason as usize];
+            for value in per_cpu.iter() {
+                total.packets += value.packets;
+                total.bytes += value.bytes;
+            }
+        }
+        Ok(totals)
+    }
+}

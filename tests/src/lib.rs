@@ -1,0 +1,9 @@
+//! Test support for xlb: packets built and checked from scratch, a loaded
+//! datapath to run them through (BPF_PROG_TEST_RUN), and the privilege
+//! check every kernel test starts with.
+
+pub mod checksum;
+pub mod packet;
+pub mod pins;
+pub mod privilege;
+pub mod test_lb;
