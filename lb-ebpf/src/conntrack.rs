@@ -37,7 +37,7 @@ fn key(flow: &Flow, direction: u8) -> CtKey {
 /// Expired entries, and a SYN that reuses the tuple of a closing flow, miss.
 #[inline(always)]
 pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Option<CtEntry> {
-    let entry = CONNTRACK.get_ptr_mut(&key(flow, direction))?;
+    let entry = CONNTRACK.get_ptr_mut(key(flow, direction))?;
     // SAFETY: a valid map value pointer; concurrent writers only store whole
     // fields (state, timestamp), races between them are benign.
     let entry = unsafe { &mut *entry };
@@ -96,11 +96,11 @@ pub fn create(flow: &Flow, frontend_id: u32, chosen: &Chosen, now: u64) -> Resul
         backend_id: chosen.id,
         frontend_id,
     };
-    CONNTRACK.insert(&reply_key, &reply, 0)?;
+    CONNTRACK.insert(reply_key, reply, 0)?;
     let forward = CtEntry {
         nat_addr: chosen.backend.addr,
         nat_port: chosen.backend.port,
         ..reply
     };
-    CONNTRACK.insert(&key(flow, direction::FORWARD), &forward, 0)
+    CONNTRACK.insert(key(flow, direction::FORWARD), forward, 0)
 }

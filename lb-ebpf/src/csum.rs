@@ -17,10 +17,6 @@ fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
     let not_from = !from;
-    let sum = (!check as u32)
-        + (not_from & 0xffff)
-        + (not_from >> 16)
-        + (to & 0xffff)
-        + (to >> 16);
+    let sum = (!check as u32) + (not_from & 0xffff) + (not_from >> 16) + (to & 0xffff) + (to >> 16);
     !fold(sum)
 }

@@ -15,5 +15,5 @@ pub fn lookup(flow: &Flow, scope: u8) -> Option<Frontend> {
     };
     // SAFETY: the value is copied out at once; user space replaces frontends
     // as a whole (one map update), so a reader sees the old or the new one.
-    unsafe { FRONTENDS.get(&key).copied() }
+    unsafe { FRONTENDS.get(key).copied() }
 }

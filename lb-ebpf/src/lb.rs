@@ -18,7 +18,11 @@ fn tc_packet(ctx: &TcContext) -> Packet {
     let linear = ctx.data_end() - ctx.data();
     let len = ctx.len() as usize;
     if linear < MAX_HEADER_LEN && len > linear {
-        let want = if len < MAX_HEADER_LEN { len } else { MAX_HEADER_LEN };
+        let want = if len < MAX_HEADER_LEN {
+            len
+        } else {
+            MAX_HEADER_LEN
+        };
         // On failure the parser finds a short packet and passes it.
         let _ = ctx.pull_data(want as u32);
     }
@@ -90,7 +94,14 @@ pub fn reverse(ctx: &TcContext) -> Reason {
     if !flow.is_complete {
         return Reason::DropMalformed;
     }
-    match nat::rewrite_tc(ctx, &pkt, &flow, Side::Source, entry.nat_addr, entry.nat_port) {
+    match nat::rewrite_tc(
+        ctx,
+        &pkt,
+        &flow,
+        Side::Source,
+        entry.nat_addr,
+        entry.nat_port,
+    ) {
         Ok(()) => Reason::RevNat,
         Err(_) => Reason::DropMalformed,
     }

@@ -23,8 +23,7 @@ pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(maps::SLOTS_MAX, BPF_F
 
 /// Backends by stable id.
 #[map(name = "XLB_BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> =
-    HashMap::pinned(maps::BACKENDS_MAX, BPF_F_NO_PREALLOC);
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(maps::BACKENDS_MAX, BPF_F_NO_PREALLOC);
 
 /// Conntrack, both directions of each load-balanced flow; LRU so a full
 /// table evicts the oldest flows instead of refusing new ones.

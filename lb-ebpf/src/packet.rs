@@ -131,7 +131,9 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
         _ => return Err(Reason::PassNotLoadBalanced),
     };
     let l4_off = IP_OFF + ip_hlen;
-    let ports_ptr = pkt.ptr_at::<[u16; 2]>(l4_off).ok_or(Reason::PassMalformed)?;
+    let ports_ptr = pkt
+        .ptr_at::<[u16; 2]>(l4_off)
+        .ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds-checked just above; headers are not aligned.
     let ports = unsafe { core::ptr::read_unaligned(ports_ptr) };
     let mut is_complete = total_len >= ip_hlen + l4_hlen;

@@ -35,7 +35,7 @@ pub fn select_backend(frontend: &Frontend) -> Option<Chosen> {
         slot: first + random % len,
     };
     // SAFETY: plain values copied out at once.
-    let id = unsafe { *SLOTS.get(&slot)? };
+    let id = unsafe { *SLOTS.get(slot)? };
     let backend = lookup_backend(id)?;
     Some(Chosen { id, backend })
 }
@@ -44,5 +44,5 @@ pub fn select_backend(frontend: &Frontend) -> Option<Chosen> {
 #[inline(always)]
 pub fn lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once; backends are immutable per id.
-    unsafe { BACKENDS.get(&id).copied() }
+    unsafe { BACKENDS.get(id).copied() }
 }

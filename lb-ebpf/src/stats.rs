@@ -1,12 +1,13 @@
 //! Per-CPU counters by verdict/drop reason, and the verdict itself.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use lb_common::Reason;
 
 use crate::maps::COUNTERS;
+
+/// TC verdicts (linux/pkt_cls.h), typed as the classifier returns them.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
 
 /// Counts one packet of `bytes` under `reason`.
 #[inline(always)]
@@ -26,8 +27,8 @@ pub fn count(reason: Reason, bytes: u32) {
 pub fn tc_verdict(ctx: &TcContext, reason: Reason) -> i32 {
     count(reason, ctx.len());
     if reason.is_drop() {
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     } else {
-        TC_ACT_OK as i32
+        TC_ACT_OK
     }
 }

@@ -2,10 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::SchedClassifier,
-};
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
 
 use crate::{Error, Maps, bpffs, object};
 
@@ -62,7 +59,10 @@ impl Datapath {
     }
 }
 
-fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, Error> {
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     program
         .try_into()

@@ -2,6 +2,7 @@
 //! keeping them equal to what the cluster's Services say.
 
 mod bpffs;
+pub mod clock;
 pub mod datapath;
 mod error;
 pub mod maps;

@@ -28,7 +28,8 @@ impl Maps {
     /// Opens the maps pinned under `dir`.
     pub fn open_pinned(dir: &Path) -> Result<Self, Error> {
         Self::build(|name| {
-            let data = MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
+            let data =
+                MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| Error::Map { name, source })
         })
     }

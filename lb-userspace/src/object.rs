@@ -6,7 +6,10 @@ use crate::Error;
 pub fn bytes() -> Result<&'static [u8], Error> {
     #[cfg(xlb_ebpf_object)]
     {
-        Ok(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o")))
+        Ok(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/lb-ebpf.o"
+        )))
     }
     #[cfg(not(xlb_ebpf_object))]
     {

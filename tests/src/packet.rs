@@ -37,7 +37,8 @@ pub struct Packet {
 
 /// Parses `"a.b.c.d:port"`; panics on a typo in a test.
 pub fn addr(s: &str) -> SocketAddrV4 {
-    s.parse().unwrap_or_else(|e| panic!("bad address {s:?}: {e}"))
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad address {s:?}: {e}"))
 }
 
 impl Packet {

@@ -12,7 +12,9 @@ pub fn has_root(test: &str) -> bool {
         std::env::var_os("CI").is_none(),
         "{test} needs root and CI must run it: run the tests as root"
     );
-    eprintln!("SKIPPED {test}: needs root (BPF and network namespaces); run `sudo cargo xtask test`");
+    eprintln!(
+        "SKIPPED {test}: needs root (BPF and network namespaces); run `sudo cargo xtask test`"
+    );
     false
 }
 

@@ -56,7 +56,10 @@ impl TestLb {
             proto,
             pad: 0,
         };
-        self.maps.backends.insert(id, value, 0).expect("insert backend");
+        self.maps
+            .backends
+            .insert(id, value, 0)
+            .expect("insert backend");
         id
     }
 
@@ -67,7 +70,10 @@ impl TestLb {
 
     /// Adds an internal frontend with `backends` in tier 0; returns its id.
     pub fn add_frontend(&mut self, frontend: &str, proto: u8, backends: &[&str]) -> u32 {
-        let ids: Vec<u32> = backends.iter().map(|b| self.add_backend(b, proto)).collect();
+        let ids: Vec<u32> = backends
+            .iter()
+            .map(|b| self.add_backend(b, proto))
+            .collect();
         self.add_frontend_tiers(frontend, proto, &[&ids])
     }
 
@@ -82,8 +88,14 @@ impl TestLb {
         for (tier, backend_ids) in tiers.iter().enumerate() {
             tier_len[tier] = backend_ids.len() as u16;
             for backend_id in *backend_ids {
-                let key = SlotKey { frontend_id: id, slot };
-                self.maps.slots.insert(key, backend_id, 0).expect("insert slot");
+                let key = SlotKey {
+                    frontend_id: id,
+                    slot,
+                };
+                self.maps
+                    .slots
+                    .insert(key, backend_id, 0)
+                    .expect("insert slot");
                 slot += 1;
             }
         }
@@ -94,8 +106,15 @@ impl TestLb {
             proto,
             scope: scope::INTERNAL,
         };
-        let value = Frontend { id, tier_len, flags: 0 };
-        self.maps.frontends.insert(key, value, 0).expect("insert frontend");
+        let value = Frontend {
+            id,
+            tier_len,
+            flags: 0,
+        };
+        self.maps
+            .frontends
+            .insert(key, value, 0)
+            .expect("insert frontend");
         id
     }
 
@@ -138,5 +157,64 @@ impl TestLb {
             .filter(|reason| totals[*reason as usize].packets > 0)
             .map(|reason| (reason, totals[reason as usize].packets))
             .collect()
+    }
+}
+
+impl TestLb {
+    /// Asserts that `program` passes `frame` byte for byte, counted under
+    /// `reason` alone.
+    pub fn assert_passes_unchanged(&mut self, program: &'static str, frame: &[u8], reason: Reason) {
+        let before = self.maps.counter_totals().expect("read counters");
+        let out = self.run(program, frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{reason:?}: verdict");
+        assert_eq!(out.frame, frame, "{reason:?}: bytes unchanged");
+        self.assert_counted_once(&before, reason);
+    }
+
+    /// Asserts that `program` drops `frame`, counted under `reason` alone.
+    pub fn assert_drops(&mut self, program: &'static str, frame: &[u8], reason: Reason) {
+        let before = self.maps.counter_totals().expect("read counters");
+        let out = self.run(program, frame);
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{reason:?}: verdict");
+        self.assert_counted_once(&before, reason);
+    }
+
+    fn assert_counted_once(&self, before: &[lb_common::Counter], reason: Reason) {
+        let after = self.maps.counter_totals().expect("read counters");
+        for r in Reason::ALL {
+            let delta = after[r as usize].packets - before[r as usize].packets;
+            let want = u64::from(r == reason);
+            assert_eq!(
+                delta,
+                want,
+                "counter {} after a {reason:?} packet",
+                r.name()
+            );
+        }
+    }
+}
+
+impl TestLb {
+    /// Every conntrack entry, sorted by key.
+    pub fn conntrack(&self) -> Vec<(lb_common::CtKey, lb_common::CtEntry)> {
+        let mut entries: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .map(|entry| entry.expect("read conntrack"))
+            .collect();
+        entries.sort_by_key(|(key, _)| *key);
+        entries
+    }
+
+    /// Rewrites every conntrack entry with `edit`.
+    pub fn edit_conntrack(&mut self, edit: impl Fn(&mut lb_common::CtEntry)) {
+        for (key, mut entry) in self.conntrack() {
+            edit(&mut entry);
+            self.maps
+                .conntrack
+                .insert(key, entry, 0)
+                .expect("write conntrack");
+        }
     }
 }

@@ -27,11 +27,26 @@ fn cases() -> Vec<Case> {
     // Record Route with room for one address, then end-of-options.
     with_options.ip_options = vec![7, 7, 4, 0, 0, 0, 0, 0];
     vec![
-        Case { name: "tcp syn", packet: Packet::tcp(CLIENT, VIP, flags::SYN) },
-        Case { name: "tcp odd-length payload", packet: odd_payload },
-        Case { name: "tcp with ip options", packet: with_options },
-        Case { name: "udp", packet: Packet::udp(CLIENT, VIP) },
-        Case { name: "udp without checksum", packet: udp_no_csum },
+        Case {
+            name: "tcp syn",
+            packet: Packet::tcp(CLIENT, VIP, flags::SYN),
+        },
+        Case {
+            name: "tcp odd-length payload",
+            packet: odd_payload,
+        },
+        Case {
+            name: "tcp with ip options",
+            packet: with_options,
+        },
+        Case {
+            name: "udp",
+            packet: Packet::udp(CLIENT, VIP),
+        },
+        Case {
+            name: "udp without checksum",
+            packet: udp_no_csum,
+        },
     ]
 }
 
@@ -46,16 +61,31 @@ fn new_flow_is_translated_to_the_backend() {
         assert_eq!(out.verdict, TC_ACT_OK, "{}", case.name);
         let got = seen(&out.frame);
         assert_eq!(got.src, addr(CLIENT), "{}: source untouched", case.name);
-        assert_eq!(got.dst, addr(BACKEND), "{}: destination translated", case.name);
+        assert_eq!(
+            got.dst,
+            addr(BACKEND),
+            "{}: destination translated",
+            case.name
+        );
         assert_eq!(got.proto, proto, "{}", case.name);
         if case.packet.udp_no_checksum {
             let l4 = 14 + 20;
-            assert_eq!(&out.frame[l4 + 6..l4 + 8], &[0, 0], "{}: no checksum stays none", case.name);
+            assert_eq!(
+                &out.frame[l4 + 6..l4 + 8],
+                &[0, 0],
+                "{}: no checksum stays none",
+                case.name
+            );
         }
         let input = case.packet.bytes();
         let ip_end = 14 + 20 + case.packet.ip_options.len();
         assert_eq!(out.frame.len(), input.len(), "{}: length", case.name);
-        assert_eq!(&out.frame[34..ip_end], &input[34..ip_end], "{}: options kept", case.name);
+        assert_eq!(
+            &out.frame[34..ip_end],
+            &input[34..ip_end],
+            "{}: options kept",
+            case.name
+        );
         assert_eq!(lb.counted(), vec![(Reason::ForwardNew, 1)], "{}", case.name);
     }
 }

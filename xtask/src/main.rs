@@ -1,1 +1,62 @@
-fn main() {}
+//! `cargo xtask …`: set-up, builds and test/bench drivers for xlb.
+
+mod build;
+mod cmd;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xlb's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and tests need (idempotent): Debian
+    /// packages, rust-src, and bpf-linker built against rustc's own LLVM.
+    Setup,
+    /// Build the eBPF object (release, bpfel-unknown-none).
+    BuildEbpf,
+    /// Build the eBPF object, then `target/release/xlb` with it embedded.
+    Build,
+    /// Set up, build, and run every check and test: fmt, clippy, unit,
+    /// packet (BPF_PROG_TEST_RUN) and end-to-end (netns) tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark and write its JSON under target/bench/.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Every datapath program path through BPF_PROG_TEST_RUN, at 1, 10,000
+    /// and 100,000 frontends.
+    Datapath {
+        /// Runs per measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build::ebpf(),
+        Task::Build => build::all(),
+        Task::Test { args } => test::run(&args),
+        Task::Bench {
+            which: Bench::Datapath { repeat },
+        } => test::bench_datapath(repeat),
+    }
+}
