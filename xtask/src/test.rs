@@ -54,6 +54,8 @@ pub fn bench_datapath(repeat: u32) -> Result<()> {
                 "bench-datapath",
                 "--",
             ])
-            .args(["--repeat", &repeat.to_string()]),
+            .args(["--repeat", &repeat.to_string()])
+            .arg("--out")
+            .arg(crate::cmd::root().join("target/bench/datapath.json")),
     ))
 }
