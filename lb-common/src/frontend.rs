@@ -69,7 +69,7 @@ map_type!(SlotKey, 8);
 /// Ids are never reused while a conntrack entry may still name them, so a
 /// flow whose backend was removed is noticed (lookup misses) and re-balanced.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     /// Backend (pod) address, wire order.
     pub addr: u32,

@@ -32,3 +32,10 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+impl Error {
+    /// Wraps a map error of map `name` (for `map_err`).
+    pub fn map(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+        move |source| Error::Map { name, source }
+    }
+}

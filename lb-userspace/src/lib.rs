@@ -1,12 +1,22 @@
-//! xlb's user space: loading the datapath, its maps, and (with the agent)
-//! keeping them equal to what the cluster's Services say.
+//! xlb's user space: sources → model → diff → maps.
+//!
+//! The sources read Services and EndpointSlices into a [`source::Snapshot`];
+//! the [`model`] applies Kubernetes' rules for this node; the [`diff`] turns
+//! the result into the fewest ordered map writes; a [`dataplane::Dataplane`]
+//! applies them (the pinned BPF maps, or memory in tests).
 
 mod bpffs;
 pub mod clock;
+pub mod dataplane;
 pub mod datapath;
+pub mod diff;
 mod error;
 pub mod maps;
+pub mod model;
 pub mod object;
+pub mod problem;
+pub mod source;
+pub mod state;
 
 pub use datapath::Datapath;
 pub use error::Error;

@@ -1,0 +1,71 @@
+//! Where the diff's writes go: the pinned BPF maps, or memory in tests.
+
+use crate::{
+    Error, Maps,
+    state::{Op, State},
+};
+
+/// The service maps as the sync loop sees them.
+pub trait Dataplane {
+    /// What the maps hold now (read once at start to reconcile).
+    fn read(&self) -> Result<State, Error>;
+    /// One write.
+    fn write(&mut self, op: &Op) -> Result<(), Error>;
+}
+
+/// The in-memory dataplane of the tests.
+impl Dataplane for State {
+    fn read(&self) -> Result<State, Error> {
+        Ok(self.clone())
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), Error> {
+        self.apply(op);
+        Ok(())
+    }
+}
+
+impl Dataplane for Maps {
+    fn read(&self) -> Result<State, Error> {
+        let mut state = State::default();
+        for entry in self.frontends.iter() {
+            let (key, value) = entry.map_err(Error::map(lb_common::maps::FRONTENDS))?;
+            state.frontends.insert(key, value);
+        }
+        for entry in self.slots.iter() {
+            let (key, value) = entry.map_err(Error::map(lb_common::maps::SLOTS))?;
+            state.slots.insert(key, value);
+        }
+        for entry in self.backends.iter() {
+            let (key, value) = entry.map_err(Error::map(lb_common::maps::BACKENDS))?;
+            state.backends.insert(key, value);
+        }
+        for entry in self.conntrack.iter() {
+            // Entries may vanish (LRU) while we walk: skip what fails.
+            if let Ok((_, value)) = entry {
+                state.max_backend_id_in_use = state.max_backend_id_in_use.max(value.backend_id);
+            }
+        }
+        Ok(state)
+    }
+
+    fn write(&mut self, op: &Op) -> Result<(), Error> {
+        use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS};
+        match *op {
+            Op::PutBackend(id, value) => self.backends.insert(id, value, 0).map_err(Error::map(BACKENDS)),
+            Op::PutSlot(key, id) => self.slots.insert(key, id, 0).map_err(Error::map(SLOTS)),
+            Op::PutFrontend(key, value) => self.frontends.insert(key, value, 0).map_err(Error::map(FRONTENDS)),
+            Op::DeleteFrontend(key) => ignore_missing(self.frontends.remove(&key)).map_err(Error::map(FRONTENDS)),
+            Op::DeleteSlot(key) => ignore_missing(self.slots.remove(&key)).map_err(Error::map(SLOTS)),
+            Op::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)).map_err(Error::map(BACKENDS)),
+        }
+    }
+}
+
+/// Deleting what is already gone is success.
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

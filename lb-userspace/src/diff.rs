@@ -1,0 +1,374 @@
+//! The diff: desired frontends vs. what the maps hold → the fewest ordered
+//! writes that turn one into the other, make-before-break: backends, then
+//! slots, then the frontends that expose them; deletions last. A packet
+//! never sees a slot without its backend or a count beyond its slots.
+//!
+//! Slots keep their positions: when one backend goes, the last slot moves
+//! into its hole; when one comes, it takes the next slot. One endpoint
+//! change is a handful of writes whatever the cluster size.
+
+use std::collections::{BTreeSet, HashMap};
+
+use lb_common::{Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, ipv4_raw, port_raw, scope};
+
+use crate::{
+    model::{Desired, Endpoint, FrontendAddr, Protocol, Scope},
+    problem::{Invalid, Problem},
+    state::{Op, State},
+};
+
+/// The map key of a frontend address.
+pub fn frontend_key(addr: &FrontendAddr) -> FrontendKey {
+    FrontendKey {
+        addr: ipv4_raw(addr.ip.octets()),
+        port: port_raw(addr.port),
+        proto: addr.protocol.number(),
+        scope: match addr.scope {
+            Scope::Internal => scope::INTERNAL,
+            Scope::External => scope::EXTERNAL,
+        },
+    }
+}
+
+fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend {
+    Backend {
+        addr: ipv4_raw(endpoint.ip.octets()),
+        port: port_raw(endpoint.port),
+        proto: protocol.number(),
+        pad: 0,
+    }
+}
+
+/// The writes that turn `current` into `desired`, and the frontends that
+/// could not be programmed.
+pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut ids = Ids::new(current);
+    let mut puts_backend = Vec::new();
+    let mut puts_slot = Vec::new();
+    let mut puts_frontend = Vec::new();
+    let mut deletes_slot = Vec::new();
+    let mut used_backends = BTreeSet::new();
+    let mut wanted_frontends = BTreeSet::new();
+    let mut slot_counts = HashMap::new();
+
+    for (addr, frontend) in &desired.frontends {
+        if frontend.tiers.len() > MAX_TIERS
+            || frontend.tiers.iter().any(|t| t.len() > usize::from(u16::MAX))
+        {
+            let what = format!("{addr} has more backends than a frontend holds");
+            problems.push(Problem::new(&frontend.service_port, Invalid::Capacity(what)));
+            continue;
+        }
+        let key = frontend_key(addr);
+        wanted_frontends.insert(key);
+        // Backend ids, tier by tier.
+        let tiers: Vec<Vec<u32>> = frontend
+            .tiers
+            .iter()
+            .map(|tier| {
+                tier.iter()
+                    .map(|endpoint| {
+                        let value = backend_value(endpoint, addr.protocol);
+                        let (id, is_new) = ids.backend(value);
+                        if is_new {
+                            puts_backend.push(Op::PutBackend(id, value));
+                        }
+                        used_backends.insert(id);
+                        id
+                    })
+                    .collect()
+            })
+            .collect();
+        let old = current.frontends.get(&key);
+        let id = old.map_or_else(|| ids.frontend(), |f| f.id);
+        let old_slots = old.map(|f| current.slots_of(f)).unwrap_or_default();
+        let (slots, tier_len) = layout(&old_slots, &tiers);
+        for (slot, backend_id) in slots.iter().enumerate() {
+            if old_slots.get(slot) != Some(backend_id) {
+                let key = SlotKey {
+                    frontend_id: id,
+                    slot: slot as u32,
+                };
+                puts_slot.push(Op::PutSlot(key, *backend_id));
+            }
+        }
+        let value = Frontend {
+            id,
+            tier_len,
+            flags: 0,
+        };
+        slot_counts.insert(id, value.slot_count());
+        if old != Some(&value) {
+            puts_frontend.push(Op::PutFrontend(key, value));
+        }
+    }
+
+    // Frontends to delete: the entry first, its slots after.
+    let deletes_frontend = current
+        .frontends
+        .keys()
+        .filter(|key| !wanted_frontends.contains(*key))
+        .map(|key| Op::DeleteFrontend(*key));
+    // Every slot beyond its frontend's new count, or of no frontend (also
+    // what a crash between two writes may have left).
+    for key in current.slots.keys() {
+        let count = slot_counts.get(&key.frontend_id).copied().unwrap_or(0);
+        if key.slot >= count {
+            deletes_slot.push(Op::DeleteSlot(*key));
+        }
+    }
+    let deletes_backend = current
+        .backends
+        .keys()
+        .filter(|id| !used_backends.contains(id))
+        .map(|id| Op::DeleteBackend(*id));
+
+    let mut ops = puts_backend;
+    ops.extend(puts_slot);
+    ops.extend(puts_frontend);
+    ops.extend(deletes_frontend);
+    ops.extend(deletes_slot);
+    ops.extend(deletes_backend);
+    (ops, problems)
+}
+
+/// New slot contents for `tiers` (backend ids), keeping every backend that
+/// stays in its tier at its old position; newcomers fill the holes.
+fn layout(old: &[u32], tiers: &[Vec<u32>]) -> (Vec<u32>, [u16; MAX_TIERS]) {
+    let mut slots = Vec::new();
+    let mut tier_len = [0u16; MAX_TIERS];
+    for (tier, ids) in tiers.iter().enumerate() {
+        let start = slots.len();
+        let wanted: BTreeSet<u32> = ids.iter().copied().collect();
+        let mut placed = BTreeSet::new();
+        let mut region: Vec<Option<u32>> = (start..start + wanted.len())
+            .map(|i| {
+                old.get(i)
+                    .copied()
+                    .filter(|id| wanted.contains(id) && placed.insert(*id))
+            })
+            .collect();
+        let mut newcomers = wanted.difference(&placed).copied();
+        for hole in region.iter_mut().filter(|slot| slot.is_none()) {
+            *hole = newcomers.next();
+        }
+        slots.extend(region.into_iter().flatten());
+        tier_len[tier] = wanted.len() as u16;
+    }
+    (slots, tier_len)
+}
+
+/// Hands out ids never used before (by the maps or by conntrack).
+struct Ids {
+    backends_by_value: HashMap<Backend, u32>,
+    next_backend: u32,
+    next_frontend: u32,
+}
+
+impl Ids {
+    fn new(current: &State) -> Self {
+        let max_backend = current
+            .backends
+            .keys()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(current.max_backend_id_in_use);
+        let max_frontend = current.frontends.values().map(|f| f.id).max().unwrap_or(0);
+        Self {
+            backends_by_value: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+            next_backend: max_backend + 1,
+            next_frontend: max_frontend + 1,
+        }
+    }
+
+    /// The id of `backend`, and whether it is new.
+    fn backend(&mut self, backend: Backend) -> (u32, bool) {
+        if let Some(id) = self.backends_by_value.get(&backend) {
+            return (*id, false);
+        }
+        let id = self.next_backend;
+        self.next_backend += 1;
+        self.backends_by_value.insert(backend, id);
+        (id, true)
+    }
+
+    fn frontend(&mut self) -> u32 {
+        let id = self.next_frontend;
+        self.next_frontend += 1;
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::Ipv4Addr};
+
+    use super::*;
+    use crate::model::DesiredFrontend;
+
+    fn frontend(i: u32) -> FrontendAddr {
+        FrontendAddr {
+            ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i),
+            port: 80,
+            protocol: Protocol::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
+    fn endpoint(i: u32) -> Endpoint {
+        Endpoint {
+            ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + i),
+            port: 8080,
+        }
+    }
+
+    /// `services` frontends with `per_service` endpoints each.
+    fn cluster(services: u32, per_service: u32) -> Desired {
+        let mut desired = Desired::default();
+        for s in 0..services {
+            let tier = (0..per_service).map(|e| endpoint(s * 1000 + e)).collect();
+            desired.frontends.insert(
+                frontend(s),
+                DesiredFrontend {
+                    service_port: format!("default/svc-{s}:http"),
+                    tiers: vec![tier],
+                },
+            );
+        }
+        desired
+    }
+
+    fn synced(desired: &Desired) -> State {
+        let mut state = State::default();
+        let (ops, problems) = diff(desired, &state);
+        assert!(problems.is_empty());
+        ops.iter().for_each(|op| state.apply(op));
+        state
+    }
+
+    /// The endpoints each frontend's slots hold in `state`, per tier.
+    fn programmed(state: &State) -> Vec<(FrontendKey, Vec<BTreeSet<Backend>>)> {
+        state
+            .frontends
+            .iter()
+            .map(|(key, f)| {
+                let slots = state.slots_of(f);
+                assert_eq!(slots.len() as u32, f.slot_count(), "every slot present");
+                let mut start = 0;
+                let tiers = f
+                    .tier_len
+                    .iter()
+                    .map(|len| {
+                        let tier = slots[start..start + usize::from(*len)]
+                            .iter()
+                            .map(|id| state.backends[id])
+                            .collect();
+                        start += usize::from(*len);
+                        tier
+                    })
+                    .collect();
+                (*key, tiers)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cold_sync_programs_everything_in_make_before_break_order() {
+        let desired = cluster(3, 4);
+        let (ops, _) = diff(&desired, &State::default());
+        assert_eq!(ops.len(), 3 * 4 + 3 * 4 + 3);
+        let first_slot = ops.iter().position(|op| matches!(op, Op::PutSlot(..))).unwrap();
+        let last_backend = ops.iter().rposition(|op| matches!(op, Op::PutBackend(..))).unwrap();
+        let first_frontend = ops.iter().position(|op| matches!(op, Op::PutFrontend(..))).unwrap();
+        let last_slot = ops.iter().rposition(|op| matches!(op, Op::PutSlot(..))).unwrap();
+        assert!(last_backend < first_slot && last_slot < first_frontend);
+        let state = synced(&desired);
+        for (_, tiers) in programmed(&state) {
+            assert_eq!(tiers[0].len(), 4);
+        }
+    }
+
+    #[test]
+    fn nothing_changed_writes_nothing() {
+        let desired = cluster(50, 5);
+        let state = synced(&desired);
+        assert_eq!(diff(&desired, &state).0, vec![]);
+    }
+
+    #[test]
+    fn one_endpoint_change_is_a_constant_number_of_writes() {
+        let mut desired = cluster(1000, 10);
+        let mut state = synced(&desired);
+        // Remove the third endpoint of one service: the last slot moves into
+        // its hole, the count shrinks, the old last slot and the backend go.
+        let tier = &mut desired.frontends.get_mut(&frontend(500)).unwrap().tiers[0];
+        tier.remove(&endpoint(500 * 1000 + 2));
+        let (ops, _) = diff(&desired, &state);
+        assert_eq!(ops.len(), 4, "{ops:?}");
+        ops.iter().for_each(|op| state.apply(op));
+        assert_eq!(programmed(&state), programmed(&synced(&desired)));
+        // Add one: backend, slot, count.
+        let tier = &mut desired.frontends.get_mut(&frontend(7)).unwrap().tiers[0];
+        tier.insert(endpoint(999_999));
+        let (ops, _) = diff(&desired, &state);
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert!(matches!(ops[0], Op::PutBackend(..)));
+        assert!(matches!(ops[1], Op::PutSlot(..)));
+        assert!(matches!(ops[2], Op::PutFrontend(..)));
+    }
+
+    #[test]
+    fn ids_are_stable_and_never_reused() {
+        let mut desired = cluster(2, 3);
+        let mut state = synced(&desired);
+        let ids_before: BTreeMap<_, _> = state.backends.iter().map(|(id, b)| (*b, *id)).collect();
+        let removed = ids_before[&backend_value(&endpoint(0), Protocol::Tcp)];
+        desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].remove(&endpoint(0));
+        let (ops, _) = diff(&desired, &state);
+        ops.iter().for_each(|op| state.apply(op));
+        assert!(!state.backends.contains_key(&removed));
+        // Every other backend kept its id.
+        for (backend, id) in &state.backends.iter().map(|(id, b)| (*b, *id)).collect::<BTreeMap<_, _>>() {
+            assert_eq!(ids_before.get(backend), Some(id));
+        }
+        // A restart that finds the removed id in conntrack never hands it out.
+        state.max_backend_id_in_use = state.max_backend_id_in_use.max(removed);
+        desired.frontends.get_mut(&frontend(1)).unwrap().tiers[0].insert(endpoint(77));
+        let (ops, _) = diff(&desired, &state);
+        let Op::PutBackend(new_id, _) = ops[0] else { panic!("{ops:?}") };
+        assert!(new_id > removed);
+    }
+
+    #[test]
+    fn removed_frontends_and_stray_slots_are_deleted() {
+        let mut desired = cluster(3, 2);
+        let mut state = synced(&desired);
+        state.slots.insert(SlotKey { frontend_id: 999, slot: 0 }, 1);
+        desired.frontends.remove(&frontend(1));
+        let (ops, _) = diff(&desired, &state);
+        ops.iter().for_each(|op| state.apply(op));
+        // Ids differ from a fresh sync; what is programmed does not.
+        assert_eq!(programmed(&synced(&desired)), programmed(&state));
+        assert_eq!(state.frontends.len(), 2);
+        assert_eq!(state.slots.len(), 4);
+        assert_eq!(state.backends.len(), 4);
+    }
+
+    #[test]
+    fn tiers_keep_positions_and_lengths() {
+        let mut desired = cluster(1, 0);
+        let fe = desired.frontends.get_mut(&frontend(0)).unwrap();
+        fe.tiers = vec![
+            [endpoint(1)].into(),
+            [endpoint(2), endpoint(3)].into(),
+            [endpoint(1), endpoint(2), endpoint(3), endpoint(4)].into(),
+        ];
+        let state = synced(&desired);
+        let f = state.frontends.values().next().unwrap();
+        assert_eq!(f.tier_len, [1, 2, 4]);
+        let tiers = &programmed(&state)[0].1;
+        assert_eq!(tiers[2].len(), 4);
+    }
+}
