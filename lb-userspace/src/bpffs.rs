@@ -17,6 +17,15 @@ pub fn ensure_dir(dir: &Path) -> Result<(), Error> {
         source,
     };
     if dir.starts_with(BPF_FS_ROOT) && !is_bpffs(Path::new(BPF_FS_ROOT)).map_err(err)? {
+        if in_private_mount_namespace() {
+            // `ip netns exec` remounts /sys in a mount namespace of its own:
+            // a bpffs mounted there dies with the agent, and its pins too.
+            tracing::warn!(
+                "no bpffs at {BPF_FS_ROOT} in this mount namespace (ip netns exec?): \
+                 pins will not outlive the agent; pass --bpffs on a bpffs mounted \
+                 outside /sys in the host's mount namespace"
+            );
+        }
         mount_bpffs(Path::new(BPF_FS_ROOT)).map_err(err)?;
     }
     fs::create_dir_all(dir).map_err(err)?;
@@ -24,6 +33,17 @@ pub fn ensure_dir(dir: &Path) -> Result<(), Error> {
         return Err(err(io::Error::other("not on a bpf filesystem")));
     }
     Ok(())
+}
+
+/// Whether this process runs in another mount namespace than init.
+fn in_private_mount_namespace() -> bool {
+    match (
+        fs::read_link("/proc/self/ns/mnt"),
+        fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(ours), Ok(init)) => ours != init,
+        _ => false,
+    }
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {

@@ -52,12 +52,24 @@ impl Dataplane for Maps {
     fn write(&mut self, op: &Op) -> Result<(), Error> {
         use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS};
         match *op {
-            Op::PutBackend(id, value) => self.backends.insert(id, value, 0).map_err(Error::map(BACKENDS)),
+            Op::PutBackend(id, value) => self
+                .backends
+                .insert(id, value, 0)
+                .map_err(Error::map(BACKENDS)),
             Op::PutSlot(key, id) => self.slots.insert(key, id, 0).map_err(Error::map(SLOTS)),
-            Op::PutFrontend(key, value) => self.frontends.insert(key, value, 0).map_err(Error::map(FRONTENDS)),
-            Op::DeleteFrontend(key) => ignore_missing(self.frontends.remove(&key)).map_err(Error::map(FRONTENDS)),
-            Op::DeleteSlot(key) => ignore_missing(self.slots.remove(&key)).map_err(Error::map(SLOTS)),
-            Op::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)).map_err(Error::map(BACKENDS)),
+            Op::PutFrontend(key, value) => self
+                .frontends
+                .insert(key, value, 0)
+                .map_err(Error::map(FRONTENDS)),
+            Op::DeleteFrontend(key) => {
+                ignore_missing(self.frontends.remove(&key)).map_err(Error::map(FRONTENDS))
+            }
+            Op::DeleteSlot(key) => {
+                ignore_missing(self.slots.remove(&key)).map_err(Error::map(SLOTS))
+            }
+            Op::DeleteBackend(id) => {
+                ignore_missing(self.backends.remove(&id)).map_err(Error::map(BACKENDS))
+            }
         }
     }
 }

@@ -54,10 +54,16 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
 
     for (addr, frontend) in &desired.frontends {
         if frontend.tiers.len() > MAX_TIERS
-            || frontend.tiers.iter().any(|t| t.len() > usize::from(u16::MAX))
+            || frontend
+                .tiers
+                .iter()
+                .any(|t| t.len() > usize::from(u16::MAX))
         {
             let what = format!("{addr} has more backends than a frontend holds");
-            problems.push(Problem::new(&frontend.service_port, Invalid::Capacity(what)));
+            problems.push(Problem::new(
+                &frontend.service_port,
+                Invalid::Capacity(what),
+            ));
             continue;
         }
         let key = frontend_key(addr);
@@ -279,10 +285,22 @@ mod tests {
         let desired = cluster(3, 4);
         let (ops, _) = diff(&desired, &State::default());
         assert_eq!(ops.len(), 3 * 4 + 3 * 4 + 3);
-        let first_slot = ops.iter().position(|op| matches!(op, Op::PutSlot(..))).unwrap();
-        let last_backend = ops.iter().rposition(|op| matches!(op, Op::PutBackend(..))).unwrap();
-        let first_frontend = ops.iter().position(|op| matches!(op, Op::PutFrontend(..))).unwrap();
-        let last_slot = ops.iter().rposition(|op| matches!(op, Op::PutSlot(..))).unwrap();
+        let first_slot = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutSlot(..)))
+            .unwrap();
+        let last_backend = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutBackend(..)))
+            .unwrap();
+        let first_frontend = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutFrontend(..)))
+            .unwrap();
+        let last_slot = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutSlot(..)))
+            .unwrap();
         assert!(last_backend < first_slot && last_slot < first_frontend);
         let state = synced(&desired);
         for (_, tiers) in programmed(&state) {
@@ -330,14 +348,21 @@ mod tests {
         ops.iter().for_each(|op| state.apply(op));
         assert!(!state.backends.contains_key(&removed));
         // Every other backend kept its id.
-        for (backend, id) in &state.backends.iter().map(|(id, b)| (*b, *id)).collect::<BTreeMap<_, _>>() {
+        for (backend, id) in &state
+            .backends
+            .iter()
+            .map(|(id, b)| (*b, *id))
+            .collect::<BTreeMap<_, _>>()
+        {
             assert_eq!(ids_before.get(backend), Some(id));
         }
         // A restart that finds the removed id in conntrack never hands it out.
         state.max_backend_id_in_use = state.max_backend_id_in_use.max(removed);
         desired.frontends.get_mut(&frontend(1)).unwrap().tiers[0].insert(endpoint(77));
         let (ops, _) = diff(&desired, &state);
-        let Op::PutBackend(new_id, _) = ops[0] else { panic!("{ops:?}") };
+        let Op::PutBackend(new_id, _) = ops[0] else {
+            panic!("{ops:?}")
+        };
         assert!(new_id > removed);
     }
 
@@ -345,7 +370,13 @@ mod tests {
     fn removed_frontends_and_stray_slots_are_deleted() {
         let mut desired = cluster(3, 2);
         let mut state = synced(&desired);
-        state.slots.insert(SlotKey { frontend_id: 999, slot: 0 }, 1);
+        state.slots.insert(
+            SlotKey {
+                frontend_id: 999,
+                slot: 0,
+            },
+            1,
+        );
         desired.frontends.remove(&frontend(1));
         let (ops, _) = diff(&desired, &state);
         ops.iter().for_each(|op| state.apply(op));

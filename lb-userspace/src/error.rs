@@ -25,6 +25,18 @@ pub enum Error {
     MissingProgram(&'static str),
     #[error("the eBPF object has no map named {0}")]
     MissingMap(&'static str),
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach {
+        interface: String,
+        program: &'static str,
+        #[source]
+        source: crate::attach::AttachError,
+    },
+    #[error("serving HTTP on {addr}: {message}")]
+    Http {
+        addr: std::net::SocketAddr,
+        message: String,
+    },
     #[error("bpffs at {path}: {source}")]
     Bpffs {
         path: PathBuf,

@@ -5,18 +5,25 @@
 //! the result into the fewest ordered map writes; a [`dataplane::Dataplane`]
 //! applies them (the pinned BPF maps, or memory in tests).
 
+pub mod agent;
+pub mod attach;
 mod bpffs;
+pub mod cleanup;
 pub mod clock;
-pub mod dataplane;
 pub mod datapath;
+pub mod dataplane;
 pub mod diff;
 mod error;
+pub mod inspect;
 pub mod maps;
+pub mod metrics;
 pub mod model;
+pub mod netif;
 pub mod object;
 pub mod problem;
 pub mod source;
 pub mod state;
+pub mod sync;
 
 pub use datapath::Datapath;
 pub use error::Error;

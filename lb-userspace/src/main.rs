@@ -1,1 +1,228 @@
-fn main() {}
+//! `xlb`: the agent and its inspection CLI. Wiring only.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    agent, cleanup,
+    inspect::{self, Format},
+    model::Node,
+    netif,
+};
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
+
+#[derive(Parser)]
+#[command(
+    name = "xlb",
+    version,
+    about = "eBPF load balancer for Kubernetes Services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: keep the datapath equal to the Services and
+    /// EndpointSlices of the source.
+    Agent(AgentArgs),
+    /// Frontends and their backends, tier by tier.
+    Services(InspectArgs),
+    /// Backends by id.
+    Backends(InspectArgs),
+    /// Conntrack entries.
+    Conntrack(InspectArgs),
+    /// Datapath counters by verdict and drop reason.
+    Stats(InspectArgs),
+    /// Detach every program and remove every pin (uninstall).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SourceKind {
+    /// Kubernetes API (not built yet: use `file`).
+    Kube,
+    /// Kubernetes YAML files.
+    File,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpMode {
+    Native,
+    Generic,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Where Services and EndpointSlices come from.
+    #[arg(long, value_enum, default_value = "file")]
+    source: SourceKind,
+    /// File or directory of YAML manifests (file source).
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// This node's name [default: the hostname].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's zone (file source).
+    #[arg(long)]
+    zone: Option<String>,
+    /// This node's IPv4 addresses [default: those of --external-iface].
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// External interface(s), where NodePort/LoadBalancer traffic arrives.
+    #[arg(long = "external-iface")]
+    external_ifaces: Vec<String>,
+    /// Glob of the pod interfaces to attach to (new links are picked up).
+    #[arg(long, default_value = "veth*")]
+    pod_ifaces: String,
+    /// XDP mode on the external interfaces.
+    #[arg(long, value_enum, default_value = "native")]
+    xdp: XdpMode,
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Prometheus /metrics address.
+    #[arg(long, default_value = "0.0.0.0:10249")]
+    metrics_addr: SocketAddr,
+    /// /healthz and /livez address.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: SocketAddr,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The agent's bpffs directory.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xlb: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Agent(args) => run_agent(args),
+        Command::Services(args) => print(inspect::services, args),
+        Command::Backends(args) => print(inspect::backends, args),
+        Command::Conntrack(args) => print(inspect::conntrack, args),
+        Command::Stats(args) => print(inspect::stats, args),
+        Command::Cleanup { bpffs } => {
+            let links = cleanup::cleanup(&bpffs)
+                .with_context(|| format!("cleaning up {}", bpffs.display()))?;
+            println!(
+                "detached {links} program link(s), removed {}",
+                bpffs.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print(
+    command: fn(&std::path::Path, Format) -> Result<String, lb_userspace::Error>,
+    args: InspectArgs,
+) -> Result<()> {
+    let format = match args.output {
+        Output::Table => Format::Table,
+        Output::Json => Format::Json,
+    };
+    let text = command(&args.bpffs, format)
+        .with_context(|| format!("reading the maps pinned under {}", args.bpffs.display()))?;
+    print!("{text}");
+    Ok(())
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    init_logging(args.log_format);
+    let manifests = match args.source {
+        SourceKind::File => args
+            .manifests
+            .context("--source file needs --manifests PATH")?,
+        SourceKind::Kube => bail!("the kube source is not built yet: run with --source file"),
+    };
+    let name = match args.node_name {
+        Some(name) => name,
+        None => hostname()?,
+    };
+    let ips = if args.node_ips.is_empty() {
+        netif::ipv4_addresses(&args.external_ifaces)
+    } else {
+        args.node_ips
+    };
+    let pod_ifaces = glob::Pattern::new(&args.pod_ifaces)
+        .with_context(|| format!("--pod-ifaces {:?}", args.pod_ifaces))?;
+    // North-south (NodePort/LoadBalancer, XDP) uses these; validated now.
+    let _ = (args.external_ifaces, args.xdp);
+    let config = agent::Config {
+        manifests,
+        node: Node {
+            name,
+            zone: args.zone,
+            ips,
+        },
+        pod_ifaces,
+        bpffs: args.bpffs,
+        metrics_addr: args.metrics_addr,
+        healthz_addr: args.healthz_addr,
+    };
+    agent::run(config)?;
+    Ok(())
+}
+
+fn hostname() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        bail!("gethostname: {}", std::io::Error::last_os_error());
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -45,7 +45,13 @@ pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, u64, i64, i64)> {
         .into_iter()
         .filter_map(|file| {
             let meta = fs::metadata(&file).ok()?;
-            Some((file, meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec()))
+            Some((
+                file,
+                meta.ino(),
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+            ))
         })
         .collect()
 }
@@ -58,7 +64,9 @@ pub fn read(path: &Path) -> Snapshot {
         Ok(files) => files,
         Err(err) => {
             let reason = Invalid::Parse(err.to_string());
-            snapshot.problems.push(Problem::new(path.display().to_string(), reason));
+            snapshot
+                .problems
+                .push(Problem::new(path.display().to_string(), reason));
             return snapshot;
         }
     };
@@ -67,7 +75,9 @@ pub fn read(path: &Path) -> Snapshot {
             Ok(text) => parse_into(&file.display().to_string(), &text, &mut snapshot),
             Err(err) => {
                 let reason = Invalid::Parse(err.to_string());
-                snapshot.problems.push(Problem::new(file.display().to_string(), reason));
+                snapshot
+                    .problems
+                    .push(Problem::new(file.display().to_string(), reason));
             }
         }
     }

@@ -1,0 +1,116 @@
+//! The agent's loop: watch the manifests and the pod interfaces, sync.
+//!
+//! It never tears the datapath down: on exit (SIGTERM or a crash) the
+//! programs stay attached through their pinned links and the maps stay
+//! pinned, so a restart or upgrade drops no flow.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{error, info, warn};
+
+use crate::{
+    Datapath, Error,
+    attach::PodInterfaces,
+    metrics::{self, Endpoints, Metrics},
+    model::Node,
+    source::{Snapshot, file},
+    sync::Syncer,
+};
+
+/// How often the loop looks at the manifests and the interfaces.
+const TICK: Duration = Duration::from_millis(100);
+/// How often the maps are re-read and everything re-synced regardless.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// What the agent runs with (see `xlb agent --help`).
+pub struct Config {
+    pub manifests: PathBuf,
+    /// This node as the flags give it; a Node object of the same name in
+    /// the manifests fills in the zone and addresses the flags leave out.
+    pub node: Node,
+    pub pod_ifaces: glob::Pattern,
+    pub bpffs: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub healthz_addr: SocketAddr,
+}
+
+/// Runs until the process is killed.
+pub fn run(config: Config) -> Result<(), Error> {
+    let mut datapath = Datapath::load(&config.bpffs)?;
+    let maps = datapath.take_maps()?;
+    let mut syncer = Syncer::new(maps)?;
+    let metrics = Arc::new(Metrics::new(config.bpffs.clone()));
+    let bound = metrics::serve(config.metrics_addr, Endpoints::Metrics, metrics.clone())?;
+    info!(addr = %bound, "serving /metrics");
+    let bound = metrics::serve(config.healthz_addr, Endpoints::Health, metrics.clone())?;
+    info!(addr = %bound, "serving /healthz and /livez");
+    let mut interfaces = PodInterfaces::new(config.pod_ifaces.clone(), &config.bpffs);
+    info!(
+        node = %config.node.name,
+        manifests = %config.manifests.display(),
+        bpffs = %config.bpffs.display(),
+        "agent started"
+    );
+    let mut last_fingerprint = None;
+    let mut last_resync = Instant::now();
+    loop {
+        for attached in interfaces.scan(&mut datapath) {
+            match attached.result {
+                Ok(()) => info!(interface = %attached.interface, "attached pod programs"),
+                Err(err) => warn!(interface = %attached.interface, "{err}"),
+            }
+        }
+        let fingerprint = file::fingerprint(&config.manifests);
+        let resync_due = last_resync.elapsed() >= RESYNC;
+        if resync_due {
+            if let Err(err) = syncer.reread() {
+                error!("re-reading the maps: {err}");
+            }
+            interfaces.retry_failed();
+            last_resync = Instant::now();
+        }
+        if last_fingerprint.as_ref() != Some(&fingerprint) || resync_due {
+            let snapshot = file::read(&config.manifests);
+            let report = syncer.sync(&snapshot, &node_for(&config.node, &snapshot));
+            for problem in &report.new_problems {
+                warn!(object = %problem.object, reason = problem.reason.label(), "skipped: {}", problem.reason);
+                metrics.count_invalid(&problem.reason);
+            }
+            metrics.observe_sync(report.duration, report.frontends, report.backends);
+            info!(
+                writes = report.writes,
+                frontends = report.frontends,
+                backends = report.backends,
+                micros = report.duration.as_micros() as u64,
+                "synced"
+            );
+            last_fingerprint = Some(fingerprint);
+        }
+        metrics.loop_ran();
+        std::thread::sleep(TICK);
+    }
+}
+
+/// `flags`, completed from the Node object of the same name in `snapshot`.
+fn node_for(flags: &Node, snapshot: &Snapshot) -> Node {
+    let object = snapshot
+        .nodes
+        .iter()
+        .map(Node::from_k8s)
+        .find(|node| node.name == flags.name)
+        .unwrap_or_default();
+    Node {
+        name: flags.name.clone(),
+        zone: flags.zone.clone().or(object.zone),
+        ips: if flags.ips.is_empty() {
+            object.ips
+        } else {
+            flags.ips.clone()
+        },
+    }
+}

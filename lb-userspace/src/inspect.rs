@@ -1,0 +1,204 @@
+//! `xlb services|backends|conntrack|stats`: the pinned maps of a running (or
+//! stopped) agent, as a table or as JSON.
+
+use std::{fmt::Write, net::Ipv4Addr, path::Path};
+
+use lb_common::{CtEntry, CtKey, Reason, ct_state, direction, ipv4_octets, port_host, scope};
+use serde_json::{Value, json};
+
+use crate::{Error, Maps, clock::monotonic_coarse_ns, dataplane::Dataplane, model::Protocol};
+
+/// How to print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+fn ip(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(ipv4_octets(raw))
+}
+
+fn proto(number: u8) -> String {
+    Protocol::from_number(number).map_or_else(|| number.to_string(), |p| p.to_string())
+}
+
+fn addr(raw_ip: u32, raw_port: u16) -> String {
+    format!("{}:{}", ip(raw_ip), port_host(raw_port))
+}
+
+/// Rows of cells: the first row is the header.
+fn render(format: Format, rows: Vec<Vec<String>>, json: Value) -> String {
+    if format == Format::Json {
+        return serde_json::to_string_pretty(&json).expect("JSON values serialize") + "\n";
+    }
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// Frontends with their backends, tier by tier.
+pub fn services(bpffs: &Path, format: Format) -> Result<String, Error> {
+    let state = Maps::open_pinned(bpffs)?.read()?;
+    let mut rows = vec![vec![
+        "FRONTEND".into(),
+        "PROTO".into(),
+        "SCOPE".into(),
+        "ID".into(),
+        "BACKENDS".into(),
+    ]];
+    let mut json = Vec::new();
+    for (key, frontend) in &state.frontends {
+        let slots = state.slots_of(frontend);
+        let mut start = 0;
+        let mut tiers = Vec::new();
+        for len in frontend.tier_len.iter().map(|l| usize::from(*l)) {
+            let tier: Vec<String> = slots
+                .get(start..start + len)
+                .unwrap_or_default()
+                .iter()
+                .map(|id| match state.backends.get(id) {
+                    Some(b) => addr(b.addr, b.port),
+                    None => format!("#{id}?"),
+                })
+                .collect();
+            start += len;
+            tiers.push(tier);
+        }
+        while tiers.len() > 1 && tiers.last().is_some_and(Vec::is_empty) {
+            tiers.pop();
+        }
+        let scope = if key.scope == scope::EXTERNAL {
+            "external"
+        } else {
+            "internal"
+        };
+        let shown: Vec<String> = tiers.iter().map(|t| t.join(",")).collect();
+        rows.push(vec![
+            addr(key.addr, key.port),
+            proto(key.proto),
+            scope.into(),
+            frontend.id.to_string(),
+            if shown.iter().all(String::is_empty) {
+                "(none)".into()
+            } else {
+                shown.join(" | ")
+            },
+        ]);
+        json.push(json!({
+            "frontend": addr(key.addr, key.port),
+            "protocol": proto(key.proto),
+            "scope": scope,
+            "id": frontend.id,
+            "tiers": tiers,
+        }));
+    }
+    Ok(render(format, rows, Value::Array(json)))
+}
+
+/// Backends by id.
+pub fn backends(bpffs: &Path, format: Format) -> Result<String, Error> {
+    let state = Maps::open_pinned(bpffs)?.read()?;
+    let mut rows = vec![vec!["ID".into(), "BACKEND".into(), "PROTO".into()]];
+    let mut json = Vec::new();
+    for (id, backend) in &state.backends {
+        rows.push(vec![
+            id.to_string(),
+            addr(backend.addr, backend.port),
+            proto(backend.proto),
+        ]);
+        json.push(json!({"id": id, "backend": addr(backend.addr, backend.port), "protocol": proto(backend.proto)}));
+    }
+    Ok(render(format, rows, Value::Array(json)))
+}
+
+/// Conntrack entries with their age and the time left.
+pub fn conntrack(bpffs: &Path, format: Format) -> Result<String, Error> {
+    let maps = Maps::open_pinned(bpffs)?;
+    let now = monotonic_coarse_ns();
+    let mut entries: Vec<(CtKey, CtEntry)> = maps.conntrack.iter().filter_map(Result::ok).collect();
+    entries.sort_by_key(|(key, _)| *key);
+    let mut rows = vec![vec![
+        "DIR".into(),
+        "PROTO".into(),
+        "SOURCE".into(),
+        "DESTINATION".into(),
+        "NAT".into(),
+        "STATE".into(),
+        "BACKEND".into(),
+        "EXPIRES".into(),
+    ]];
+    let mut json = Vec::new();
+    for (key, entry) in entries {
+        let dir = if key.direction == direction::FORWARD {
+            "forward"
+        } else {
+            "reply"
+        };
+        let state = match entry.state {
+            ct_state::NEW => "new",
+            ct_state::ESTABLISHED => "established",
+            ct_state::CLOSING => "closing",
+            _ => "?",
+        };
+        let left_s =
+            (entry.last_seen_ns + entry.lifetime_ns(key.proto)).saturating_sub(now) / 1_000_000_000;
+        rows.push(vec![
+            dir.into(),
+            proto(key.proto),
+            addr(key.saddr, key.sport),
+            addr(key.daddr, key.dport),
+            addr(entry.nat_addr, entry.nat_port),
+            state.into(),
+            entry.backend_id.to_string(),
+            format!("{left_s}s"),
+        ]);
+        json.push(json!({
+            "direction": dir,
+            "protocol": proto(key.proto),
+            "source": addr(key.saddr, key.sport),
+            "destination": addr(key.daddr, key.dport),
+            "nat": addr(entry.nat_addr, entry.nat_port),
+            "state": state,
+            "backend_id": entry.backend_id,
+            "frontend_id": entry.frontend_id,
+            "expires_in_seconds": left_s,
+        }));
+    }
+    Ok(render(format, rows, Value::Array(json)))
+}
+
+/// Datapath counters by verdict and drop reason.
+pub fn stats(bpffs: &Path, format: Format) -> Result<String, Error> {
+    let totals = Maps::open_pinned(bpffs)?.counter_totals()?;
+    let mut rows = vec![vec![
+        "REASON".into(),
+        "VERDICT".into(),
+        "PACKETS".into(),
+        "BYTES".into(),
+    ]];
+    let mut json = Vec::new();
+    for reason in Reason::ALL {
+        let total = totals[reason as usize];
+        let verdict = if reason.is_drop() { "drop" } else { "pass" };
+        rows.push(vec![
+            reason.name().into(),
+            verdict.into(),
+            total.packets.to_string(),
+            total.bytes.to_string(),
+        ]);
+        json.push(json!({"reason": reason.name(), "verdict": verdict, "packets": total.packets, "bytes": total.bytes}));
+    }
+    Ok(render(format, rows, Value::Array(json)))
+}

@@ -1,0 +1,132 @@
+//! One sync: snapshot → model → diff → dataplane, with the problems found
+//! on the way reported once each.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Error,
+    dataplane::Dataplane,
+    diff::diff,
+    model::{self, Node},
+    problem::{Invalid, Problem},
+    source::Snapshot,
+    state::State,
+};
+
+/// Keeps a dataplane equal to what snapshots say.
+pub struct Syncer<D> {
+    dataplane: D,
+    /// What the dataplane holds, as far as our writes went through.
+    mirror: State,
+    /// The problems of the previous sync, so each is reported once.
+    reported: BTreeSet<Problem>,
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub writes: usize,
+    /// Problems not seen in the previous sync.
+    pub new_problems: Vec<Problem>,
+    pub frontends: usize,
+    pub backends: usize,
+    pub duration: Duration,
+}
+
+impl<D: Dataplane> Syncer<D> {
+    /// Starts from what the dataplane holds (pinned maps of an earlier run
+    /// are reconciled, not flushed).
+    pub fn new(dataplane: D) -> Result<Self, Error> {
+        let mirror = dataplane.read()?;
+        Ok(Self {
+            dataplane,
+            mirror,
+            reported: BTreeSet::new(),
+        })
+    }
+
+    /// Re-reads the dataplane, so that writes made behind our back are
+    /// corrected by the next sync.
+    pub fn reread(&mut self) -> Result<(), Error> {
+        self.mirror = self.dataplane.read()?;
+        Ok(())
+    }
+
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    /// Programs what `snapshot` says for `node`.
+    pub fn sync(&mut self, snapshot: &Snapshot, node: &Node) -> SyncReport {
+        let started = Instant::now();
+        let (desired, mut problems) = model::desired(snapshot, node);
+        let (ops, capacity) = diff(&desired, &self.mirror);
+        problems.extend(capacity);
+        let mut writes = 0;
+        for op in &ops {
+            match self.dataplane.write(op) {
+                Ok(()) => {
+                    self.mirror.apply(op);
+                    writes += 1;
+                }
+                // A full map: this write is lost, the others go on; the
+                // next sync retries it.
+                Err(err) => problems.push(Problem::new(
+                    format!("map write {op:?}"),
+                    Invalid::Capacity(err.to_string()),
+                )),
+            }
+        }
+        let current: BTreeSet<Problem> = problems.into_iter().collect();
+        let new_problems = current.difference(&self.reported).cloned().collect();
+        self.reported = current;
+        SyncReport {
+            writes,
+            new_problems,
+            frontends: self.mirror.frontends.len(),
+            backends: self.mirror.backends.len(),
+            duration: started.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::file::parse_into;
+
+    const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.1.1]}]\n";
+    const BAD: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: nope, ports: [{port: 80}]}\n";
+
+    fn snapshot(text: &str) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        parse_into("test", text, &mut snapshot);
+        snapshot
+    }
+
+    #[test]
+    fn problems_are_reported_once_and_again_after_a_fix() {
+        let mut syncer = Syncer::new(State::default()).unwrap();
+        let node = Node::default();
+        let bad = snapshot(&format!("{GOOD}{BAD}"));
+        let first = syncer.sync(&bad, &node);
+        assert_eq!(first.new_problems.len(), 1);
+        assert_eq!(first.frontends, 1, "the good Service is programmed");
+        assert!(syncer.sync(&bad, &node).new_problems.is_empty());
+        assert!(syncer.sync(&snapshot(GOOD), &node).new_problems.is_empty());
+        assert_eq!(syncer.sync(&bad, &node).new_problems.len(), 1);
+    }
+
+    #[test]
+    fn a_restart_reconciles_instead_of_flushing() {
+        let node = Node::default();
+        let mut first = Syncer::new(State::default()).unwrap();
+        first.sync(&snapshot(GOOD), &node);
+        let maps = first.dataplane().clone();
+        let mut second = Syncer::new(maps).unwrap();
+        assert_eq!(second.sync(&snapshot(GOOD), &node).writes, 0);
+    }
+}
