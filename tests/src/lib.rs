@@ -3,7 +3,12 @@
 //! check every kernel test starts with.
 
 pub mod checksum;
+pub mod cluster;
+pub mod echo;
+pub mod manifests;
+pub mod netns;
 pub mod packet;
 pub mod pins;
 pub mod privilege;
+pub mod scenario;
 pub mod test_lb;

@@ -1,0 +1,368 @@
+//! A cluster of network namespaces on one machine: nodes on a shared L2
+//! segment with routes to each other's pod CIDRs, pods behind host-side
+//! `veth*` links, one `xlb agent` per node with the file source. Only
+//! addresses inside these namespaces are used; everything (agents, pins,
+//! namespaces, the bpffs mount) goes away on drop, also on panic.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    echo::EchoServer,
+    netns::{Netns, run},
+};
+
+/// The address every pod uses as its gateway; each host-side veth has it,
+/// so the pod's ARP is answered by its node.
+const POD_GATEWAY: &str = "169.254.1.1";
+
+/// Polls `f` every 50 ms until it succeeds or `timeout` passes.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(value) => return Ok(value),
+            Err(err) if Instant::now() >= deadline => {
+                return Err(err.context(format!("{what}: still failing after {timeout:?}")));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The `xlb` binary: `$XLB_BIN`, or the one cargo built beside the tests.
+pub fn xlb_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("XLB_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("xlb");
+    assert!(
+        bin.is_file(),
+        "{} not built: run the tests with `cargo xtask test` (or build lb-userspace first)",
+        bin.display()
+    );
+    bin
+}
+
+/// A pod: its namespace, address and echo servers.
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+    servers: Vec<EchoServer>,
+}
+
+impl Pod {
+    /// Runs `f` inside the pod's network namespace.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.ns.enter(f).expect("enter the pod's namespace")
+    }
+
+    /// Stops the pod's servers (a pod that stopped answering).
+    pub fn stop_serving(&mut self) {
+        self.servers.clear();
+    }
+}
+
+/// A node: its namespace, its address on the LAN, its agent.
+pub struct Node {
+    pub name: String,
+    pub zone: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+    pub bpffs: PathBuf,
+    next_veth: u32,
+}
+
+/// A bpffs mounted for one cluster outside /sys, so that it is the same
+/// instance inside `ip netns exec` (which remounts /sys) and outside.
+struct BpffsMount(PathBuf);
+
+impl BpffsMount {
+    fn new(path: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&path)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        // Unmounting drops every pin: links detach, maps go.
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Everything of one test's cluster. Fields drop in order: agents first,
+/// the bpffs and the manifests last.
+pub struct Cluster {
+    agents: Vec<Option<Child>>,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    lan: Netns,
+    _bpffs: BpffsMount,
+    dir: tempfile::TempDir,
+    id: String,
+}
+
+impl Cluster {
+    /// Nodes named `node1…` in the given zones, on one LAN.
+    pub fn new(zones: &[&str]) -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "x{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let lan = Netns::new(&format!("{id}-lan"))?;
+        lan.ip("link add br0 type bridge")?;
+        lan.ip("link set br0 up")?;
+        let bpffs = BpffsMount::new(PathBuf::from(format!("/run/xlb-test/{id}")))?;
+        let dir = tempfile::tempdir()?;
+        fs::create_dir_all(dir.path().join("manifests"))?;
+        let mut nodes = Vec::new();
+        for (i, zone) in zones.iter().enumerate() {
+            let n = i + 1;
+            let name = format!("node{n}");
+            let ns = Netns::new(&format!("{id}-{name}"))?;
+            let ip = Ipv4Addr::new(192, 168, 77, 10 + n as u8);
+            lan.ip(&format!("link add n{n} type veth peer name eth0 netns {}", ns.name()))?;
+            lan.ip(&format!("link set n{n} master br0 up"))?;
+            ns.ip(&format!("addr add {ip}/24 dev eth0"))?;
+            ns.ip("link set eth0 up")?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            nodes.push(Node {
+                name,
+                zone: zone.to_string(),
+                ip,
+                ns,
+                bpffs: bpffs.0.join(format!("node{n}")),
+                next_veth: 0,
+            });
+        }
+        // Each node routes the other nodes' pod CIDRs to them.
+        for (i, node) in nodes.iter().enumerate() {
+            for (j, other) in nodes.iter().enumerate() {
+                if i != j {
+                    node.ns.ip(&format!("route add {} via {}", pod_cidr(j), other.ip))?;
+                }
+            }
+        }
+        Ok(Self {
+            agents: nodes.iter().map(|_| None).collect(),
+            pods: Vec::new(),
+            nodes,
+            lan,
+            _bpffs: bpffs,
+            dir,
+            id,
+        })
+    }
+
+    /// The LAN namespace (holds the bridge the nodes share).
+    pub fn lan(&self) -> &Netns {
+        &self.lan
+    }
+
+    /// Adds a pod on node `node` (index) with echo servers on `ports`.
+    pub fn add_pod(&mut self, node: usize, name: &str, ports: &[u16]) -> Result<&Pod> {
+        let host = &mut self.nodes[node];
+        let k = host.next_veth;
+        host.next_veth += 1;
+        let ip = Ipv4Addr::new(10, 244, node as u8 + 1, 10 + k as u8);
+        let ns = Netns::new(&format!("{}-{name}", self.id))?;
+        let veth = format!("veth{k}");
+        host.ns.ip(&format!("link add {veth} type veth peer name eth0 netns {}", ns.name()))?;
+        host.ns.ip(&format!("addr add {POD_GATEWAY}/32 dev {veth}"))?;
+        host.ns.ip(&format!("link set {veth} up"))?;
+        host.ns.sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
+        host.ns.ip(&format!("route add {ip}/32 dev {veth} src {}", host.ip))?;
+        ns.ip(&format!("addr add {ip}/32 dev eth0"))?;
+        ns.ip("link set eth0 up")?;
+        ns.ip(&format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
+        ns.ip(&format!("route add default via {POD_GATEWAY} dev eth0"))?;
+        let servers = ports
+            .iter()
+            .map(|port| EchoServer::start(&ns, name, *port))
+            .collect::<Result<_>>()?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            node,
+            ip,
+            ns,
+            servers,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The pod named `name`, mutable.
+    pub fn pod_mut(&mut self, name: &str) -> &mut Pod {
+        self.pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// The manifests directory every agent reads.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Writes `file` in the manifests directory atomically (write, then
+    /// rename over), as a config-management tool would.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.manifests().join(file))?;
+        Ok(())
+    }
+
+    /// Removes `file` from the manifests directory.
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        fs::remove_file(self.manifests().join(file))?;
+        Ok(())
+    }
+
+    fn log_path(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-{}.log", self.nodes[node].name))
+    }
+
+    /// Starts node `node`'s agent and waits until it attached every pod of
+    /// the node.
+    pub fn start_agent(&mut self, node: usize, extra_args: &[&str]) -> Result<()> {
+        let host = &self.nodes[node];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(node))?;
+        let child = host
+            .ns
+            .command(xlb_bin().to_str().context("utf-8 path")?)
+            .args(["agent", "--source", "file", "--manifests"])
+            .arg(self.manifests())
+            .args(["--node-name", &host.name, "--zone", &host.zone])
+            .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
+            .arg(&host.bpffs)
+            .args(["--metrics-addr", "127.0.0.1:10249", "--healthz-addr", "127.0.0.1:10256"])
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start xlb agent")?;
+        self.agents[node] = Some(child);
+        let veths: Vec<String> = (0..self.nodes[node].next_veth)
+            .map(|k| format!("veth{k}"))
+            .collect();
+        let links = self.nodes[node].bpffs.join("links");
+        eventually("agent attached every pod", Duration::from_secs(10), || {
+            self.check_agent_alive(node)?;
+            for veth in &veths {
+                for direction in ["ingress", "egress"] {
+                    let pin = links.join(format!("{direction}_{veth}"));
+                    if !pin.exists() {
+                        bail!("{} not pinned yet", pin.display());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Starts every node's agent.
+    pub fn start_agents(&mut self) -> Result<()> {
+        (0..self.nodes.len()).try_for_each(|node| self.start_agent(node, &[]))
+    }
+
+    fn check_agent_alive(&mut self, node: usize) -> Result<()> {
+        if let Some(child) = &mut self.agents[node]
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("agent of node{} exited: {status}\n{}", node + 1, self.agent_log(node));
+        }
+        Ok(())
+    }
+
+    /// `kill -9` of node `node`'s agent.
+    pub fn kill_agent(&mut self, node: usize) -> Result<()> {
+        if let Some(mut child) = self.agents[node].take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self, node: usize) -> String {
+        fs::read_to_string(self.log_path(node)).unwrap_or_default()
+    }
+
+    /// An HTTP GET from inside node `node` (its agent's metrics/health).
+    pub fn http_get(&self, node: usize, addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+        self.nodes[node].ns.enter(|| http_get(addr, path))?
+    }
+
+    /// The bpffs dir of node `node`'s agent.
+    pub fn bpffs(&self, node: usize) -> &Path {
+        &self.nodes[node].bpffs
+    }
+}
+
+/// The pod CIDR of node index `node`.
+pub fn pod_cidr(node: usize) -> String {
+    format!("10.244.{}.0/24", node + 1)
+}
+
+fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("HTTP status")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in 0..self.nodes.len() {
+                eprintln!("--- agent log of {}:\n{}", self.nodes[node].name, self.agent_log(node));
+            }
+        }
+        for node in 0..self.agents.len() {
+            let _ = self.kill_agent(node);
+        }
+    }
+}
