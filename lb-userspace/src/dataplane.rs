@@ -40,11 +40,9 @@ impl Dataplane for Maps {
             let (key, value) = entry.map_err(Error::map(lb_common::maps::BACKENDS))?;
             state.backends.insert(key, value);
         }
-        for entry in self.conntrack.iter() {
-            // Entries may vanish (LRU) while we walk: skip what fails.
-            if let Ok((_, value)) = entry {
-                state.max_backend_id_in_use = state.max_backend_id_in_use.max(value.backend_id);
-            }
+        // Entries may vanish (LRU) while we walk: skip what fails.
+        for (_, value) in self.conntrack.iter().flatten() {
+            state.max_backend_id_in_use = state.max_backend_id_in_use.max(value.backend_id);
         }
         Ok(state)
     }

@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run the agent: keep the datapath equal to the Services and
     /// EndpointSlices of the source.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Frontends and their backends, tier by tier.
     Services(InspectArgs),
     /// Backends by id.
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::Services(args) => print(inspect::services, args),
         Command::Backends(args) => print(inspect::backends, args),
         Command::Conntrack(args) => print(inspect::conntrack, args),
@@ -220,6 +220,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -141,7 +141,10 @@ impl Cluster {
             let name = format!("node{n}");
             let ns = Netns::new(&format!("{id}-{name}"))?;
             let ip = Ipv4Addr::new(192, 168, 77, 10 + n as u8);
-            lan.ip(&format!("link add n{n} type veth peer name eth0 netns {}", ns.name()))?;
+            lan.ip(&format!(
+                "link add n{n} type veth peer name eth0 netns {}",
+                ns.name()
+            ))?;
             lan.ip(&format!("link set n{n} master br0 up"))?;
             ns.ip(&format!("addr add {ip}/24 dev eth0"))?;
             ns.ip("link set eth0 up")?;
@@ -161,7 +164,8 @@ impl Cluster {
         for (i, node) in nodes.iter().enumerate() {
             for (j, other) in nodes.iter().enumerate() {
                 if i != j {
-                    node.ns.ip(&format!("route add {} via {}", pod_cidr(j), other.ip))?;
+                    node.ns
+                        .ip(&format!("route add {} via {}", pod_cidr(j), other.ip))?;
                 }
             }
         }
@@ -189,11 +193,17 @@ impl Cluster {
         let ip = Ipv4Addr::new(10, 244, node as u8 + 1, 10 + k as u8);
         let ns = Netns::new(&format!("{}-{name}", self.id))?;
         let veth = format!("veth{k}");
-        host.ns.ip(&format!("link add {veth} type veth peer name eth0 netns {}", ns.name()))?;
-        host.ns.ip(&format!("addr add {POD_GATEWAY}/32 dev {veth}"))?;
+        host.ns.ip(&format!(
+            "link add {veth} type veth peer name eth0 netns {}",
+            ns.name()
+        ))?;
+        host.ns
+            .ip(&format!("addr add {POD_GATEWAY}/32 dev {veth}"))?;
         host.ns.ip(&format!("link set {veth} up"))?;
-        host.ns.sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
-        host.ns.ip(&format!("route add {ip}/32 dev {veth} src {}", host.ip))?;
+        host.ns
+            .sysctl(&format!("net.ipv4.conf.{veth}.rp_filter"), "0")?;
+        host.ns
+            .ip(&format!("route add {ip}/32 dev {veth} src {}", host.ip))?;
         ns.ip(&format!("addr add {ip}/32 dev eth0"))?;
         ns.ip("link set eth0 up")?;
         ns.ip(&format!("route add {POD_GATEWAY} dev eth0 scope link"))?;
@@ -249,7 +259,9 @@ impl Cluster {
     }
 
     fn log_path(&self, node: usize) -> PathBuf {
-        self.dir.path().join(format!("agent-{}.log", self.nodes[node].name))
+        self.dir
+            .path()
+            .join(format!("agent-{}.log", self.nodes[node].name))
     }
 
     /// Starts node `node`'s agent and waits until it attached every pod of
@@ -268,7 +280,12 @@ impl Cluster {
             .args(["--node-name", &host.name, "--zone", &host.zone])
             .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
             .arg(&host.bpffs)
-            .args(["--metrics-addr", "127.0.0.1:10249", "--healthz-addr", "127.0.0.1:10256"])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:10249",
+                "--healthz-addr",
+                "127.0.0.1:10256",
+            ])
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -303,7 +320,11 @@ impl Cluster {
         if let Some(child) = &mut self.agents[node]
             && let Some(status) = child.try_wait()?
         {
-            bail!("agent of node{} exited: {status}\n{}", node + 1, self.agent_log(node));
+            bail!(
+                "agent of node{} exited: {status}\n{}",
+                node + 1,
+                self.agent_log(node)
+            );
         }
         Ok(())
     }
@@ -350,7 +371,10 @@ fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .context("HTTP status")?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -358,7 +382,11 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for node in 0..self.nodes.len() {
-                eprintln!("--- agent log of {}:\n{}", self.nodes[node].name, self.agent_log(node));
+                eprintln!(
+                    "--- agent log of {}:\n{}",
+                    self.nodes[node].name,
+                    self.agent_log(node)
+                );
             }
         }
         for node in 0..self.agents.len() {

@@ -103,7 +103,9 @@ fn serve_tcp(pod: &str, port: u16, stop: &AtomicBool, ready: std::sync::mpsc::Se
 
 fn answer_lines(stream: TcpStream, pod: &str, peer: SocketAddr) {
     let _ = stream.set_nonblocking(false);
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     for line in BufReader::new(stream).lines() {
         if line.is_err() || writer.write_all(Reply::line(pod, peer).as_bytes()).is_err() {
             return;
@@ -170,6 +172,8 @@ pub fn udp_request(to: SocketAddrV4) -> Result<Reply> {
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     socket.send_to(b"hello", to)?;
     let mut buf = [0u8; 1500];
-    let (n, _) = socket.recv_from(&mut buf).with_context(|| format!("UDP reply from {to}"))?;
+    let (n, _) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("UDP reply from {to}"))?;
     Reply::parse(&String::from_utf8_lossy(&buf[..n]))
 }

@@ -13,11 +13,19 @@ pub struct Port<'a> {
 
 impl<'a> Port<'a> {
     pub fn tcp(name: &'a str, port: u16) -> Self {
-        Self { name, port, protocol: "TCP" }
+        Self {
+            name,
+            port,
+            protocol: "TCP",
+        }
     }
 
     pub fn udp(name: &'a str, port: u16) -> Self {
-        Self { name, port, protocol: "UDP" }
+        Self {
+            name,
+            port,
+            protocol: "UDP",
+        }
     }
 }
 
@@ -46,7 +54,12 @@ pub fn service(name: &str, cluster_ip: Ipv4Addr, ports: &[Port], target_ports: &
 }
 
 /// An EndpointSlice of `service`.
-pub fn endpoint_slice(service: &str, slice: &str, ports: &[Port], endpoints: &[Endpoint]) -> String {
+pub fn endpoint_slice(
+    service: &str,
+    slice: &str,
+    ports: &[Port],
+    endpoints: &[Endpoint],
+) -> String {
     let mut yaml = format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {slice}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n"
     );

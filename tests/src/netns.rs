@@ -38,7 +38,9 @@ impl Netns {
         // A namespace left behind by a killed run of the same name.
         let _ = ip(&format!("netns del {name}"));
         ip(&format!("netns add {name}"))?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip("link set lo up")?;
         Ok(ns)
     }
@@ -54,7 +56,9 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run(self.command("sysctl").args(["-qw", &format!("{key}={value}")]))?;
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("{key}={value}")]))?;
         Ok(())
     }
 

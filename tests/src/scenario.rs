@@ -50,14 +50,22 @@ pub fn manifests(cluster: &Cluster, ready: &[&str]) -> String {
     let slice_ports = [Port::tcp("", TARGET_PORT), Port::udp("udp", TARGET_PORT)];
     documents(&[
         service(SERVICE, CLUSTER_IP, &ports, &["80", "80"]),
-        endpoint_slice(SERVICE, &format!("{SERVICE}-abcde"), &slice_ports, &endpoints),
+        endpoint_slice(
+            SERVICE,
+            &format!("{SERVICE}-abcde"),
+            &slice_ports,
+            &endpoints,
+        ),
     ])
 }
 
 /// The scenario's cluster with every replica ready and the agents running.
 pub fn running() -> Result<Cluster> {
     let mut cluster = cluster()?;
-    cluster.write_manifest("sample.yaml", &manifests(&cluster, &["web-0", "web-1", "web-2"]))?;
+    cluster.write_manifest(
+        "sample.yaml",
+        &manifests(&cluster, &["web-0", "web-1", "web-2"]),
+    )?;
     cluster.start_agents()?;
     Ok(cluster)
 }

@@ -13,8 +13,17 @@ use xlb_tests::{
 };
 
 /// `n` requests from `pod`, the backends that answered.
-fn spread(cluster: &Cluster, pod: &str, n: usize, request: fn(SocketAddrV4) -> anyhow::Result<Reply>) -> Vec<Reply> {
-    cluster.pod(pod).run(|| (0..n).map(|_| request(frontend()).expect("request")).collect())
+fn spread(
+    cluster: &Cluster,
+    pod: &str,
+    n: usize,
+    request: fn(SocketAddrV4) -> anyhow::Result<Reply>,
+) -> Vec<Reply> {
+    cluster.pod(pod).run(|| {
+        (0..n)
+            .map(|_| request(frontend()).expect("request"))
+            .collect()
+    })
 }
 
 #[test]
@@ -24,9 +33,16 @@ fn tcp_spreads_over_all_backends_on_both_nodes_and_keeps_the_pod_source() {
     for client in ["client", "client-2"] {
         let replies = spread(&cluster, client, 30, tcp_request);
         let backends: BTreeSet<&str> = replies.iter().map(|r| r.from.as_str()).collect();
-        assert_eq!(backends, BTreeSet::from(["web-0", "web-1", "web-2"]), "from {client}");
+        assert_eq!(
+            backends,
+            BTreeSet::from(["web-0", "web-1", "web-2"]),
+            "from {client}"
+        );
         let client_ip = cluster.pod(client).ip;
-        assert!(replies.iter().all(|r| r.client_ip == client_ip), "pod source kept: {replies:?}");
+        assert!(
+            replies.iter().all(|r| r.client_ip == client_ip),
+            "pod source kept: {replies:?}"
+        );
     }
 }
 
@@ -37,7 +53,11 @@ fn udp_spreads_over_all_backends() {
     let replies = spread(&cluster, "client", 30, udp_request);
     let backends: BTreeSet<&str> = replies.iter().map(|r| r.from.as_str()).collect();
     assert_eq!(backends, BTreeSet::from(["web-0", "web-1", "web-2"]));
-    assert!(replies.iter().all(|r| r.client_ip == cluster.pod("client").ip));
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.client_ip == cluster.pod("client").ip)
+    );
 }
 
 #[test]
@@ -52,11 +72,20 @@ fn multiport_service_with_named_target_port_resolved_per_slice() {
     let vip = "10.96.7.7".parse().unwrap();
     let slice = |name: &str, pod: &str, node: &str, http: u16| {
         let ports = [Port::tcp("http", http), Port::tcp("admin", 7000)];
-        let endpoint = Endpoint { ip: cluster.pod(pod).ip, node, ready: true };
+        let endpoint = Endpoint {
+            ip: cluster.pod(pod).ip,
+            node,
+            ready: true,
+        };
         endpoint_slice("api", name, &ports, &[endpoint])
     };
     let yaml = documents(&[
-        service("api", vip, &[Port::tcp("http", 80), Port::tcp("admin", 81)], &["http", "admin"]),
+        service(
+            "api",
+            vip,
+            &[Port::tcp("http", 80), Port::tcp("admin", 81)],
+            &["http", "admin"],
+        ),
         slice("api-a", "api-0", "node1", 8080),
         slice("api-b", "api-1", "node2", 9090),
     ]);
@@ -77,15 +106,19 @@ fn multiport_service_with_named_target_port_resolved_per_slice() {
 fn inspection_cli_shows_the_programmed_service() {
     require_root!();
     let cluster = scenario::running().unwrap();
-    let out = eventually("xlb services lists the frontend", Duration::from_secs(2), || {
-        let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
-            .args(["services", "-o", "json", "--bpffs"])
-            .arg(cluster.bpffs(0))
-            .output()?;
-        let text = String::from_utf8(out.stdout)?;
-        anyhow::ensure!(text.contains("10.96.0.10:8080"), "{text}");
-        Ok(text)
-    })
+    let out = eventually(
+        "xlb services lists the frontend",
+        Duration::from_secs(2),
+        || {
+            let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
+                .args(["services", "-o", "json", "--bpffs"])
+                .arg(cluster.bpffs(0))
+                .output()?;
+            let text = String::from_utf8(out.stdout)?;
+            anyhow::ensure!(text.contains("10.96.0.10:8080"), "{text}");
+            Ok(text)
+        },
+    )
     .unwrap();
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     let tcp = json

@@ -54,7 +54,7 @@ pub fn parse(svc: &Service, problems: &mut Vec<Problem>) -> Option<ParsedService
         raw_ips.extend(spec.cluster_ip.as_deref());
     }
     // Headless Services are not proxied.
-    if raw_ips.iter().any(|ip| *ip == "None") {
+    if raw_ips.contains(&"None") {
         return None;
     }
     let mut cluster_ips = Vec::new();

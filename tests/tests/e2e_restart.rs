@@ -1,0 +1,62 @@
+//! End to end: the agent's exit never drops a flow. An established TCP
+//! connection through a ClusterIP keeps working across `kill -9` of the
+//! agent and its restart, and the restarted agent reconciles (no flush).
+
+use std::time::Duration;
+
+use anyhow::ensure;
+use xlb_tests::{
+    cluster::eventually,
+    echo::Connection,
+    require_root,
+    scenario::{self, frontend},
+};
+
+#[test]
+fn live_connection_survives_kill_and_restart_of_the_agent() {
+    require_root!();
+    let mut cluster = scenario::running().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    // A client thread in the client pod holds one connection open and makes
+    // a request each time it is told to.
+    let handle = cluster
+        .pod("client")
+        .ns
+        .spawn(move || {
+            let mut conn = Connection::open(frontend()).expect("connect");
+            while rx.recv().is_ok() {
+                reply_tx.send(conn.request().map(|r| r.from)).unwrap();
+            }
+        })
+        .unwrap();
+    let ask = || {
+        tx.send(()).unwrap();
+        reply_rx.recv().unwrap()
+    };
+    let backend = ask().expect("first request");
+    cluster.kill_agent(0).unwrap();
+    cluster.kill_agent(1).unwrap();
+    assert_eq!(
+        ask().expect("request with the agents dead").as_str(),
+        backend
+    );
+    cluster.start_agents().unwrap();
+    assert_eq!(ask().expect("request after the restart").as_str(), backend);
+    // The restarted agent found everything programmed: nothing rewritten.
+    let restart_sync = eventually("the restarted agent synced", Duration::from_secs(2), || {
+        let log = cluster.agent_log(0);
+        let syncs: Vec<&str> = log.lines().filter(|l| l.contains("synced")).collect();
+        ensure!(syncs.len() >= 2, "{} syncs logged", syncs.len());
+        Ok(syncs[1].to_owned())
+    })
+    .unwrap();
+    assert!(restart_sync.contains("writes=0 "), "{restart_sync}");
+    // New connections are balanced as before.
+    cluster
+        .pod("client")
+        .run(|| xlb_tests::echo::tcp_request(frontend()))
+        .unwrap();
+    drop(tx);
+    handle.join().unwrap();
+}
