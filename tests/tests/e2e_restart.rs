@@ -60,3 +60,36 @@ fn live_connection_survives_kill_and_restart_of_the_agent() {
     drop(tx);
     handle.join().unwrap();
 }
+
+#[test]
+fn cleanup_detaches_everything_and_removes_the_pins() {
+    require_root!();
+    let mut cluster = scenario::running().unwrap();
+    cluster
+        .pod("client")
+        .run(|| xlb_tests::echo::tcp_request(frontend()))
+        .unwrap();
+    cluster.kill_agent(0).unwrap();
+    let bpffs = cluster.bpffs(0).to_owned();
+    let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached 6 program link(s)"),
+        "web-0, web-1 and client, both directions"
+    );
+    assert!(!bpffs.exists(), "pins removed");
+    // Nothing translates the ClusterIP on node1 any more.
+    let result = cluster
+        .pod("client")
+        .run(|| xlb_tests::echo::tcp_request(frontend()));
+    assert!(result.is_err(), "{result:?}");
+}

@@ -31,6 +31,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// xlb's main job on this machine: a 2-node network-namespace cluster,
+    /// a ClusterIP Service over 3 echo pods, one agent per node, requests.
+    Demo,
     /// Run a benchmark and write its JSON under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build::ebpf(),
         Task::Build => build::all(),
         Task::Test { args } => test::run(&args),
+        Task::Demo => test::demo(),
         Task::Bench {
             which: Bench::Datapath { repeat },
         } => test::bench_datapath(repeat),

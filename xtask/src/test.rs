@@ -59,3 +59,22 @@ pub fn bench_datapath(repeat: u32) -> Result<()> {
             .arg(crate::cmd::root().join("target/bench/datapath.json")),
     ))
 }
+
+/// `cargo xtask demo`.
+pub fn demo() -> Result<()> {
+    setup::run()?;
+    build::all()?;
+    exec(with_root_runner(
+        cargo()
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "xlb-tests",
+                "--bin",
+                "xlb-demo",
+            ])
+            .env("XLB_BIN", crate::cmd::root().join("target/release/xlb")),
+    ))
+}
