@@ -7,7 +7,7 @@ use lb_common::{Reason, direction, scope};
 use crate::{
     conntrack, frontend,
     nat::{self, Side},
-    packet::{self, MAX_HEADER_LEN, Packet},
+    packet::{self, Flow, MAX_HEADER_LEN, Packet},
     select,
 };
 
@@ -29,6 +29,29 @@ fn tc_packet(ctx: &TcContext) -> Packet {
     Packet::new(ctx.data(), ctx.data_end())
 }
 
+/// Why a packet that is not load balanced passes.
+#[inline(always)]
+fn pass_reason(flow: &Flow) -> Reason {
+    if flow.is_complete {
+        Reason::PassNotLoadBalanced
+    } else {
+        Reason::PassMalformed
+    }
+}
+
+/// A load-balanced packet is translated only whole: rewriting the first
+/// fragment of a datagram, or a truncated header, would corrupt it.
+#[inline(always)]
+fn translatable(flow: &Flow) -> Result<(), Reason> {
+    if flow.is_fragment {
+        Err(Reason::DropFragment)
+    } else if !flow.is_complete {
+        Err(Reason::DropMalformed)
+    } else {
+        Ok(())
+    }
+}
+
 /// A pod's packet: DNAT to a backend when it is addressed to a frontend.
 #[inline(always)]
 pub fn forward(ctx: &TcContext) -> Reason {
@@ -38,17 +61,10 @@ pub fn forward(ctx: &TcContext) -> Reason {
         Err(reason) => return reason,
     };
     let Some(frontend) = frontend::lookup(&flow, scope::INTERNAL) else {
-        return if flow.is_complete {
-            Reason::PassNotLoadBalanced
-        } else {
-            Reason::PassMalformed
-        };
+        return pass_reason(&flow);
     };
-    if flow.is_fragment {
-        return Reason::DropFragment;
-    }
-    if !flow.is_complete {
-        return Reason::DropMalformed;
+    if let Err(reason) = translatable(&flow) {
+        return reason;
     }
     let now = conntrack::now_ns();
     let established = conntrack::lookup(&flow, direction::FORWARD, now)
@@ -82,17 +98,10 @@ pub fn reverse(ctx: &TcContext) -> Reason {
     };
     let now = conntrack::now_ns();
     let Some(entry) = conntrack::lookup(&flow, direction::REPLY, now) else {
-        return if flow.is_complete {
-            Reason::PassNotLoadBalanced
-        } else {
-            Reason::PassMalformed
-        };
+        return pass_reason(&flow);
     };
-    if flow.is_fragment {
-        return Reason::DropFragment;
-    }
-    if !flow.is_complete {
-        return Reason::DropMalformed;
+    if let Err(reason) = translatable(&flow) {
+        return reason;
     }
     match nat::rewrite_tc(
         ctx,

@@ -64,20 +64,15 @@ fn main() -> Result<()> {
         println!("From={} ClientIP={}", reply.from, reply.client_ip);
     }
     let bpffs = cluster.bpffs(0).to_owned();
-    println!("\n== xlb services --bpffs {}  (node1)", bpffs.display());
-    let out = Command::new(xlb_bin())
-        .arg("services")
-        .arg("--bpffs")
-        .arg(&bpffs)
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("\n== xlb stats --bpffs {}  (node1)", bpffs.display());
-    let out = Command::new(xlb_bin())
-        .arg("stats")
-        .arg("--bpffs")
-        .arg(&bpffs)
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    for command in ["services", "stats"] {
+        println!("\n== xlb {command} --bpffs {}  (node1)", bpffs.display());
+        let out = Command::new(xlb_bin())
+            .arg(command)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
     drop(cluster);
     println!(
         "\n== torn down (agents, namespaces, pins) after {:.1?}",
