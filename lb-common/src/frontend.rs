@@ -41,10 +41,19 @@ pub struct Frontend {
     pub id: u32,
     /// Number of slots in each tier.
     pub tier_len: [u16; MAX_TIERS],
-    /// Bit set of `FRONTEND_F_*` flags.
+    /// Bit set of [`frontend_flags`].
     pub flags: u16,
+    /// ClientIP session affinity timeout in seconds; 0: no affinity.
+    pub affinity_timeout_s: u32,
 }
-map_type!(Frontend, 12);
+map_type!(Frontend, 16);
+
+/// Bits of [`Frontend::flags`].
+pub mod frontend_flags {
+    /// With no backend in any tier, drop silently (a Local traffic policy
+    /// without a local endpoint, as kube-proxy) instead of rejecting.
+    pub const DROP_WHEN_EMPTY: u16 = 1 << 0;
+}
 
 impl Frontend {
     /// Total number of slots over all tiers.

@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use lb_common::{Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, ipv4_raw, port_raw, scope};
+use lb_common::{
+    Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, frontend_flags, ipv4_raw, port_raw, scope,
+};
 
 use crate::{
     model::{Desired, Endpoint, FrontendAddr, Protocol, Scope},
@@ -99,10 +101,16 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
                 puts_slot.push(Op::PutSlot(key, *backend_id));
             }
         }
+        let flags = if frontend.drop_when_empty {
+            frontend_flags::DROP_WHEN_EMPTY
+        } else {
+            0
+        };
         let value = Frontend {
             id,
             tier_len,
-            flags: 0,
+            flags,
+            affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
         };
         slot_counts.insert(id, value.slot_count());
         if old != Some(&value) {
@@ -240,6 +248,9 @@ mod tests {
                 DesiredFrontend {
                     service_port: format!("default/svc-{s}:http"),
                     tiers: vec![tier],
+                    drop_when_empty: false,
+                    affinity_timeout: None,
+                    source_ranges: Vec::new(),
                 },
             );
         }

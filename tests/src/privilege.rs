@@ -2,6 +2,8 @@
 //! with a printed reason; under CI (`CI` set) a missing privilege fails the
 //! test instead, so CI can never pass by skipping.
 
+use std::io::Write;
+
 /// Whether the caller may run a test that needs root. Prints why not.
 pub fn has_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.

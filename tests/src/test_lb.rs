@@ -110,6 +110,7 @@ impl TestLb {
             id,
             tier_len,
             flags: 0,
+            affinity_timeout_s: 0,
         };
         self.maps
             .frontends

@@ -1,9 +1,6 @@
 //! EndpointSlices: grouped by Service, validated, and resolved per port.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    net::Ipv4Addr,
-};
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -18,27 +15,36 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A slice port, validated.
 #[derive(Debug, Clone)]
-pub struct SlicePort {
+struct SlicePort {
     name: String,
     port: u16,
     protocol: Option<Protocol>,
 }
 
-/// One endpoint of a slice, validated.
-#[derive(Debug, Clone)]
-pub struct SliceEndpoint {
-    pub ips: Vec<Ipv4Addr>,
+/// One endpoint of a slice, validated: what the policies need of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The first address (Kubernetes uses only that one).
+    pub ip: Ipv4Addr,
     pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub for_zones: Vec<String>,
+    pub for_nodes: Vec<String>,
 }
 
 /// A slice, validated.
 #[derive(Debug, Clone)]
 pub struct Slice {
+    name: String,
     ports: Vec<SlicePort>,
-    endpoints: Vec<SliceEndpoint>,
+    endpoints: Vec<EndpointInfo>,
 }
 
-/// The valid IPv4 slices of every Service, by (namespace, service name).
+/// The valid IPv4 slices of every Service, by (namespace, service name),
+/// sorted by slice name.
 pub fn by_service(
     slices: &[EndpointSlice],
     problems: &mut Vec<Problem>,
@@ -59,17 +65,25 @@ pub fn by_service(
             continue;
         }
         let object = format!("EndpointSlice {namespace}/{name}");
-        if let Some(parsed) = parse(slice, &object, problems) {
+        if let Some(parsed) = parse(slice, name, &object, problems) {
             by_service
                 .entry((namespace, service.clone()))
                 .or_default()
                 .push(parsed);
         }
     }
+    for slices in by_service.values_mut() {
+        slices.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     by_service
 }
 
-fn parse(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) -> Option<Slice> {
+fn parse(
+    slice: &EndpointSlice,
+    name: String,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Slice> {
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
         // A slice port without a number matches no Service port.
@@ -105,21 +119,45 @@ fn parse(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) -> Op
                 }
             }
         }
+        let Some(ip) = ips.first().copied() else {
+            continue;
+        };
         let conditions = endpoint.conditions.as_ref();
-        endpoints.push(SliceEndpoint {
-            ips,
-            // "nil should be interpreted as true" (EndpointConditions.ready).
+        let hints = endpoint.hints.as_ref();
+        endpoints.push(EndpointInfo {
+            ip,
+            // "nil should be interpreted as true" for ready; serving follows
+            // ready when unset, terminating defaults to false (KEP-1672).
             ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions
+                .and_then(|c| c.serving.or(c.ready))
+                .unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: endpoint.node_name.clone(),
+            zone: endpoint.zone.clone(),
+            for_zones: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+            for_nodes: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
         });
     }
-    Some(Slice { ports, endpoints })
+    Some(Slice {
+        name,
+        ports,
+        endpoints,
+    })
 }
 
-/// The ready backends of `port` over all `slices`. Each slice resolves the
-/// port by name itself (a named targetPort may map to different numbers in
-/// different slices); an endpoint listed in two slices counts once.
-pub fn ready_for_port(slices: &[Slice], port: &ServicePort) -> BTreeSet<Endpoint> {
-    let mut backends = BTreeSet::new();
+/// Every endpoint of `port` over all `slices`, with the port number its own
+/// slice resolves (a named targetPort may map to different numbers in
+/// different slices). An endpoint listed in two slices (a slice reshuffle
+/// in progress) counts once: the first slice by name wins.
+pub fn for_port(slices: &[Slice], port: &ServicePort) -> Vec<(Endpoint, EndpointInfo)> {
+    let mut endpoints: Vec<(Endpoint, EndpointInfo)> = Vec::new();
     for slice in slices {
         let Some(slice_port) = slice
             .ports
@@ -128,15 +166,15 @@ pub fn ready_for_port(slices: &[Slice], port: &ServicePort) -> BTreeSet<Endpoint
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().filter(|e| e.ready) {
-            // Kubernetes uses the first address of an endpoint.
-            if let Some(ip) = endpoint.ips.first() {
-                backends.insert(Endpoint {
-                    ip: *ip,
-                    port: slice_port.port,
-                });
+        for info in &slice.endpoints {
+            let endpoint = Endpoint {
+                ip: info.ip,
+                port: slice_port.port,
+            };
+            if !endpoints.iter().any(|(e, _)| *e == endpoint) {
+                endpoints.push((endpoint, info.clone()));
             }
         }
     }
-    backends
+    endpoints
 }

@@ -3,6 +3,7 @@
 //! Pure (no I/O); every Kubernetes rule lives here and nowhere else.
 
 mod endpoints;
+mod policy;
 mod service;
 
 use std::{
@@ -11,6 +12,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use self::service::ParsedService;
 use crate::{problem::Problem, source::Snapshot};
 
 /// Who this node is.
@@ -130,54 +132,132 @@ pub struct DesiredFrontend {
     /// Backend tiers, most preferred first; the kernel uses the first
     /// non-empty one. At most `lb_common::MAX_TIERS`.
     pub tiers: Vec<BTreeSet<Endpoint>>,
+    /// With every tier empty: drop (a Local policy without a local
+    /// endpoint) rather than reject (a Service without endpoints).
+    pub drop_when_empty: bool,
+    /// ClientIP session affinity timeout, seconds.
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (LoadBalancer addresses only): allowed
+    /// client networks; empty allows every client.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// A healthCheckNodePort this node serves (LoadBalancer, Local policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready (or serving-terminating) endpoints on this node.
+    pub local_endpoints: usize,
 }
 
 /// Everything this node must program.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendAddr, DesiredFrontend>,
+    /// healthCheckNodePorts by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
 /// Applies every rule to `snapshot` for `node`. Objects that break a rule
 /// are skipped and returned as problems; they never affect the others.
 pub fn desired(snapshot: &Snapshot, node: &Node) -> (Desired, Vec<Problem>) {
-    let _ = node; // Node-dependent rules (traffic policies, topology) use it.
     let mut problems = snapshot.problems.clone();
-    let endpoints = endpoints::by_service(&snapshot.endpoint_slices, &mut problems);
+    let slices = endpoints::by_service(&snapshot.endpoint_slices, &mut problems);
     let mut desired = Desired::default();
     for svc in &snapshot.services {
-        let Some(service) = service::parse(svc, &mut problems) else {
-            continue;
-        };
-        let slices = endpoints.get(&(service.namespace.clone(), service.name.clone()));
-        for port in &service.ports {
-            let backends: BTreeSet<Endpoint> = slices
-                .map(|slices| endpoints::ready_for_port(slices, port))
-                .unwrap_or_default();
-            let service_port = match port.name.as_str() {
-                "" => format!("{}/{}", service.namespace, service.name),
-                name => format!("{}/{}:{name}", service.namespace, service.name),
-            };
-            for ip in &service.cluster_ips {
-                let addr = FrontendAddr {
-                    ip: *ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                    scope: Scope::Internal,
-                };
-                desired.frontends.insert(
-                    addr,
-                    DesiredFrontend {
-                        service_port: service_port.clone(),
-                        tiers: vec![backends.clone()],
-                    },
-                );
-            }
+        if let Some(service) = service::parse(svc, &mut problems) {
+            let key = (service.namespace.clone(), service.name.clone());
+            add_service(
+                &mut desired,
+                &service,
+                slices.get(&key).map_or(&[][..], Vec::as_slice),
+                node,
+            );
         }
     }
     problems.sort();
     problems.dedup();
     (desired, problems)
+}
+
+/// The frontends of one Service on `node`.
+fn add_service(
+    desired: &mut Desired,
+    service: &ParsedService,
+    slices: &[endpoints::Slice],
+    node: &Node,
+) {
+    let mut local_endpoints = BTreeSet::new();
+    for port in &service.ports {
+        let endpoints = endpoints::for_port(slices, port);
+        let service_port = match port.name.as_str() {
+            "" => format!("{}/{}", service.namespace, service.name),
+            name => format!("{}/{}:{name}", service.namespace, service.name),
+        };
+        let internal = policy::tiers(&endpoints, service.internal_local, service.topology, node);
+        let external = policy::tiers(&endpoints, service.external_local, service.topology, node);
+        if service.external_local {
+            local_endpoints.extend(external.tiers.iter().flatten().copied());
+        }
+        let mut add = |ip: Ipv4Addr,
+                       port_number: u16,
+                       scope: Scope,
+                       tiers: &policy::Tiers,
+                       source_ranges: &[(Ipv4Addr, u8)]| {
+            let addr = FrontendAddr {
+                ip,
+                port: port_number,
+                protocol: port.protocol,
+                scope,
+            };
+            desired.frontends.insert(
+                addr,
+                DesiredFrontend {
+                    service_port: service_port.clone(),
+                    tiers: tiers.tiers.clone(),
+                    drop_when_empty: tiers.drop_when_empty,
+                    affinity_timeout: service.affinity_timeout,
+                    source_ranges: source_ranges.to_vec(),
+                },
+            );
+        };
+        for ip in &service.cluster_ips {
+            add(*ip, port.port, Scope::Internal, &internal, &[]);
+        }
+        // NodePorts on every node address (never loopback: CVE-2020-8558).
+        if let Some(node_port) = port.node_port {
+            for ip in node.ips.iter().filter(|ip| !ip.is_loopback()) {
+                add(*ip, node_port, Scope::External, &external, &[]);
+            }
+        }
+        for ip in &service.load_balancer_ips {
+            add(
+                *ip,
+                port.port,
+                Scope::External,
+                &external,
+                &service.source_ranges,
+            );
+        }
+        for ip in &service.external_ips {
+            add(*ip, port.port, Scope::External, &external, &[]);
+        }
+    }
+    if let Some(port) = service.health_check_node_port {
+        desired.health_checks.insert(
+            port,
+            HealthCheck {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                local_endpoints: local_endpoints
+                    .iter()
+                    .map(|e: &Endpoint| e.ip)
+                    .collect::<BTreeSet<_>>()
+                    .len(),
+            },
+        );
+    }
 }
 
 impl Desired {
@@ -190,7 +270,27 @@ impl Desired {
                 let backends: Vec<String> = tier.iter().map(Endpoint::to_string).collect();
                 out.push_str(&format!(" [{}]", backends.join(" ")));
             }
+            if frontend.drop_when_empty {
+                out.push_str(" drop-when-empty");
+            }
+            if let Some(timeout) = frontend.affinity_timeout {
+                out.push_str(&format!(" affinity={timeout}s"));
+            }
+            if !frontend.source_ranges.is_empty() {
+                let ranges: Vec<String> = frontend
+                    .source_ranges
+                    .iter()
+                    .map(|(ip, len)| format!("{ip}/{len}"))
+                    .collect();
+                out.push_str(&format!(" source-ranges={}", ranges.join(",")));
+            }
             out.push('\n');
+        }
+        for (port, check) in &self.health_checks {
+            out.push_str(&format!(
+                "health-check :{port} {}/{} local-endpoints={}\n",
+                check.namespace, check.name, check.local_endpoints
+            ));
         }
         out
     }

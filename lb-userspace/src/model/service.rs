@@ -1,11 +1,25 @@
 //! A Service's fields, validated: what the rest of the model works from.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::core::v1::Service;
 
 use super::Protocol;
 use crate::problem::{Invalid, Problem};
+
+/// Services with this label belong to another proxy (any value), and ones
+/// labelled headless are not proxied: kube-proxy's informer filters both.
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// KEP-2433's annotation, and the older one it replaced.
+const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 
 /// A Service port, validated.
 #[derive(Debug, Clone)]
@@ -14,6 +28,19 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// The node port, for NodePort and LoadBalancer Services that have one.
+    pub node_port: Option<u16>,
+}
+
+/// Which endpoints topology lets a node prefer (KEP-2433, KEP-3015).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// No preference: every endpoint.
+    None,
+    /// `hints.forZones` (topology-mode Auto, PreferClose, PreferSameZone).
+    SameZone,
+    /// `hints.forNodes`, then `hints.forZones` (PreferSameNode).
+    SameNode,
 }
 
 /// The parts of a Service the model uses, validated.
@@ -22,7 +49,19 @@ pub struct ParsedService {
     pub namespace: String,
     pub name: String,
     pub cluster_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `loadBalancerSourceRanges`, as (network, prefix length).
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
     pub ports: Vec<ServicePort>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` (NodePort and LoadBalancer only).
+    pub external_local: bool,
+    /// ClientIP session affinity timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    pub health_check_node_port: Option<u16>,
+    pub topology: Topology,
 }
 
 /// `namespace/name` of an object's metadata.
@@ -35,13 +74,20 @@ pub fn object_name(
     )
 }
 
-/// Validates `svc`. `None` when it is not programmed: not a proxied type,
-/// or invalid (then a problem says why).
+/// Validates `svc`. `None` when it is not programmed: another proxy's, not
+/// a proxied type, or invalid (then a problem says why).
 pub fn parse(svc: &Service, problems: &mut Vec<Problem>) -> Option<ParsedService> {
     let (namespace, name) = object_name(&svc.metadata);
     let object = format!("Service {namespace}/{name}");
+    let labels = svc.metadata.labels.as_ref();
+    if labels
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+    {
+        return None;
+    }
     let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
         return None;
     }
     let mut raw_ips: Vec<&str> = spec
@@ -57,20 +103,58 @@ pub fn parse(svc: &Service, problems: &mut Vec<Problem>) -> Option<ParsedService
     if raw_ips.contains(&"None") {
         return None;
     }
-    let mut cluster_ips = Vec::new();
-    for raw in raw_ips.into_iter().filter(|ip| !ip.is_empty()) {
-        match raw.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => cluster_ips.push(ip),
-            Ok(IpAddr::V6(_)) => problems.push(Problem::new(
+    let mut ips = |what: &str, raw: &[&str]| -> Option<Vec<Ipv4Addr>> {
+        let mut v4 = Vec::new();
+        for raw in raw.iter().filter(|ip| !ip.is_empty()) {
+            match raw.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => v4.push(ip),
+                Ok(IpAddr::V6(_)) => problems.push(Problem::new(
+                    &object,
+                    Invalid::Unsupported(format!("IPv6 {what} {raw}")),
+                )),
+                Err(_) => {
+                    problems.push(Problem::new(&object, Invalid::Ip(raw.to_string())));
+                    return None;
+                }
+            }
+        }
+        Some(v4)
+    };
+    let cluster_ips = ips("clusterIP", &raw_ips)?;
+    let raw_external: Vec<&str> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let external_ips = ips("externalIP", &raw_external)?;
+    let raw_lb: Vec<&str> = if type_ == "LoadBalancer" {
+        svc.status
+            .iter()
+            .flat_map(|s| s.load_balancer.iter())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .filter_map(|ingress| ingress.ip.as_deref())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let load_balancer_ips = ips("load balancer IP", &raw_lb)?;
+    let mut source_ranges = Vec::new();
+    for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        match parse_cidr(raw.trim()) {
+            Some(Ok(range)) => source_ranges.push(range),
+            Some(Err(())) => problems.push(Problem::new(
                 &object,
-                Invalid::Unsupported(format!("IPv6 clusterIP {raw}")),
+                Invalid::Unsupported(format!("IPv6 loadBalancerSourceRange {raw}")),
             )),
-            Err(_) => {
-                problems.push(Problem::new(&object, Invalid::Ip(raw.to_owned())));
+            None => {
+                problems.push(Problem::new(&object, Invalid::Ip(raw.clone())));
                 return None;
             }
         }
     }
+    let has_node_ports = matches!(type_, "NodePort" | "LoadBalancer")
+        && !(type_ == "LoadBalancer" && spec.allocate_load_balancer_node_ports == Some(false));
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -90,18 +174,91 @@ pub fn parse(svc: &Service, problems: &mut Vec<Problem>) -> Option<ParsedService
             problems.push(Problem::new(&object, Invalid::Port(port.port)));
             return None;
         };
+        let node_port = match port.node_port.filter(|_| has_node_ports) {
+            Some(raw) => match valid_port(raw) {
+                Some(p) => Some(p),
+                None => {
+                    problems.push(Problem::new(&object, Invalid::Port(raw)));
+                    return None;
+                }
+            },
+            None => None,
+        };
         ports.push(ServicePort {
             name: port.name.clone().unwrap_or_default(),
             port: number,
             protocol,
+            node_port,
         });
     }
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .filter(|t| (1..=MAX_AFFINITY_TIMEOUT).contains(t))
+            .map_or(DEFAULT_AFFINITY_TIMEOUT, |t| t as u32)
+    });
+    let external_local = matches!(type_, "NodePort" | "LoadBalancer")
+        && spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| type_ == "LoadBalancer" && external_local)
+        .and_then(valid_port);
     Some(ParsedService {
         namespace,
         name,
         cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
         ports,
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local,
+        affinity_timeout,
+        health_check_node_port,
+        topology: topology(
+            svc.metadata.annotations.as_ref(),
+            spec.traffic_distribution.as_deref(),
+        ),
     })
+}
+
+/// The topology a Service asks for (KEP-2433 annotation, KEP-4444/3015
+/// `trafficDistribution`).
+fn topology(
+    annotations: Option<&BTreeMap<String, String>>,
+    distribution: Option<&str>,
+) -> Topology {
+    match distribution {
+        Some("PreferSameNode") => return Topology::SameNode,
+        Some("PreferClose" | "PreferSameZone") => return Topology::SameZone,
+        _ => {}
+    }
+    let annotation = annotations.and_then(|a| {
+        a.get(TOPOLOGY_MODE_ANNOTATION)
+            .or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION))
+    });
+    match annotation.map(|v| v.to_ascii_lowercase()).as_deref() {
+        Some("auto") => Topology::SameZone,
+        _ => Topology::None,
+    }
+}
+
+/// An IPv4 CIDR: `Some(Ok)`; an IPv6 one: `Some(Err)`; garbage: `None`.
+fn parse_cidr(raw: &str) -> Option<Result<(Ipv4Addr, u8), ()>> {
+    let (ip, len) = raw.split_once('/').unwrap_or((raw, ""));
+    match ip.parse::<IpAddr>().ok()? {
+        IpAddr::V6(_) => Some(Err(())),
+        IpAddr::V4(ip) => {
+            let len: u8 = if len.is_empty() {
+                32
+            } else {
+                len.parse().ok()?
+            };
+            (len <= 32).then_some(Ok((ip, len)))
+        }
+    }
 }
 
 /// A port number in 1-65535.
