@@ -85,7 +85,7 @@ pub fn tiers(
     let node_tier = (topology == Topology::SameNode
         && !all.is_empty()
         && all.iter().all(|(_, i)| !i.for_nodes.is_empty()))
-    .then(|| set(&|i| i.for_nodes.iter().any(|n| *n == node.name)));
+    .then(|| set(&|i| i.for_nodes.contains(&node.name)));
     let tiers = [node_tier, zone_tier, Some(everything)]
         .into_iter()
         .flatten()
