@@ -130,3 +130,101 @@ mod tests {
         assert_eq!(second.sync(&snapshot(GOOD), &node).writes, 0);
     }
 }
+
+#[cfg(test)]
+mod transitions {
+    //! A Service through every type and back, and ports coming and going:
+    //! after each step the maps hold exactly what a fresh sync would.
+
+    use super::*;
+    use crate::{model::Desired, source::file::parse_into};
+
+    fn service(type_and_extra: &str, ports: &str) -> Snapshot {
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.1\n  ports: {ports}\n{type_and_extra}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: a, port: 8080}}, {{name: b, port: 9090}}]\nendpoints: [{{addresses: [10.244.1.1]}}, {{addresses: [10.244.2.1]}}]\n"
+        );
+        let mut snapshot = Snapshot::default();
+        parse_into("test", &text, &mut snapshot);
+        assert!(snapshot.problems.is_empty(), "{:?}", snapshot.problems);
+        snapshot
+    }
+
+    /// What the maps serve, as the model's dump would print it.
+    fn served(state: &State) -> Vec<(lb_common::FrontendKey, usize)> {
+        state
+            .frontends
+            .iter()
+            .map(|(k, f)| (*k, state.slots_of(f).len()))
+            .collect()
+    }
+
+    fn fresh(desired_snapshot: &Snapshot, node: &Node) -> State {
+        let mut syncer = Syncer::new(State::default()).unwrap();
+        syncer.sync(desired_snapshot, node);
+        syncer.dataplane().clone()
+    }
+
+    #[test]
+    fn every_type_and_back_and_ports_added_and_removed() {
+        let node = Node {
+            name: "node1".into(),
+            zone: None,
+            ips: vec!["192.168.77.11".parse().unwrap()],
+        };
+        let one_port = "[{name: a, port: 80, nodePort: 30080}]";
+        let two_ports =
+            "[{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]";
+        let lb = "  type: LoadBalancer\nstatus: {loadBalancer: {ingress: [{ip: 172.18.0.1}]}}";
+        let steps = [
+            ("ClusterIP", service("  type: ClusterIP", one_port), 1),
+            ("NodePort", service("  type: NodePort", one_port), 2),
+            (
+                "NodePort, port added",
+                service("  type: NodePort", two_ports),
+                4,
+            ),
+            ("LoadBalancer", service(lb, two_ports), 6),
+            ("LoadBalancer, port removed", service(lb, one_port), 3),
+            (
+                "ExternalName",
+                service(
+                    "  type: ExternalName\n  externalName: example.com",
+                    one_port,
+                ),
+                0,
+            ),
+            (
+                "back to ClusterIP",
+                service("  type: ClusterIP", one_port),
+                1,
+            ),
+        ];
+        let mut syncer = Syncer::new(State::default()).unwrap();
+        for (step, snapshot, frontends) in steps {
+            syncer.sync(&snapshot, &node);
+            let state = syncer.dataplane();
+            assert_eq!(state.frontends.len(), frontends, "{step}");
+            assert_eq!(served(state), served(&fresh(&snapshot, &node)), "{step}");
+            // Nothing left behind: every slot belongs to a frontend, every
+            // backend to a slot.
+            let slots: usize = state
+                .frontends
+                .values()
+                .map(|f| state.slots_of(f).len())
+                .sum();
+            assert_eq!(state.slots.len(), slots, "{step}: stray slots");
+            let used: std::collections::BTreeSet<u32> = state.slots.values().copied().collect();
+            assert_eq!(
+                state
+                    .backends
+                    .keys()
+                    .copied()
+                    .collect::<std::collections::BTreeSet<_>>(),
+                used,
+                "{step}: stray backends"
+            );
+            let (desired, _): (Desired, _) = crate::model::desired(&snapshot, &node);
+            assert_eq!(desired.frontends.len(), frontends, "{step}");
+        }
+    }
+}
