@@ -22,8 +22,16 @@ pub enum Reason {
     ForwardEstablished,
     /// A reply of a known flow: source translated back to the frontend.
     RevNat,
-    /// Addressed to a frontend that has no backend.
+    /// Addressed to a frontend without endpoints: answered in its place with
+    /// a TCP reset or an ICMP port unreachable ("connection refused", as
+    /// kube-proxy's REJECT).
+    RejectNoBackend,
+    /// Addressed to a frontend without endpoints that could not be rejected
+    /// (IP options, an RST, a failed rewrite): dropped.
     DropNoBackend,
+    /// Addressed to a frontend whose Local traffic policy leaves no endpoint
+    /// on this node: dropped, as kube-proxy does.
+    DropNoLocalBackend,
     /// The first fragment of a datagram addressed to a frontend (xlb does
     /// not reassemble, and translating one fragment would corrupt it).
     DropFragment,
@@ -43,7 +51,9 @@ impl Reason {
         Reason::ForwardNew,
         Reason::ForwardEstablished,
         Reason::RevNat,
+        Reason::RejectNoBackend,
         Reason::DropNoBackend,
+        Reason::DropNoLocalBackend,
         Reason::DropFragment,
         Reason::DropMalformed,
         Reason::DropConntrackFull,
@@ -59,7 +69,9 @@ impl Reason {
             Reason::ForwardNew => "forward_new",
             Reason::ForwardEstablished => "forward_established",
             Reason::RevNat => "rev_nat",
+            Reason::RejectNoBackend => "reject_no_backend",
             Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropNoLocalBackend => "drop_no_local_backend",
             Reason::DropFragment => "drop_fragment",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropConntrackFull => "drop_conntrack_full",
@@ -71,6 +83,7 @@ impl Reason {
         matches!(
             self,
             Reason::DropNoBackend
+                | Reason::DropNoLocalBackend
                 | Reason::DropFragment
                 | Reason::DropMalformed
                 | Reason::DropConntrackFull
@@ -79,7 +92,7 @@ impl Reason {
 }
 
 /// Number of [`Reason`]s: the size of the counters map.
-pub const REASON_COUNT: usize = 11;
+pub const REASON_COUNT: usize = 13;
 
 /// Value of the per-CPU counters map.
 #[repr(C)]

@@ -2,13 +2,13 @@
 //! parse → frontend lookup → conntrack → select backend → NAT.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{Reason, direction, scope};
+use lb_common::{Frontend, Reason, direction, frontend_flags, scope};
 
 use crate::{
     conntrack, frontend,
     nat::{self, Side},
     packet::{self, Flow, MAX_HEADER_LEN, Packet},
-    select,
+    reject, select,
 };
 
 /// The packet's headers as direct-access memory. Headers of a non-linear
@@ -52,6 +52,19 @@ fn translatable(flow: &Flow) -> Result<(), Reason> {
     }
 }
 
+/// A frontend without a backend to choose: drop when its Local policy left
+/// this node without endpoints, otherwise reject (kube-proxy's rules).
+#[inline(always)]
+fn no_backend(ctx: &TcContext, flow: &Flow, frontend: &Frontend) -> Reason {
+    if frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0 {
+        return Reason::DropNoLocalBackend;
+    }
+    match reject::reply_tc(ctx, flow) {
+        Ok(()) => Reason::RejectNoBackend,
+        Err(_) => Reason::DropNoBackend,
+    }
+}
+
 /// A pod's packet: DNAT to a backend when it is addressed to a frontend.
 #[inline(always)]
 pub fn forward(ctx: &TcContext) -> Reason {
@@ -73,7 +86,7 @@ pub fn forward(ctx: &TcContext) -> Reason {
         Some(entry) => (entry.nat_addr, entry.nat_port, Reason::ForwardEstablished),
         None => {
             let Some(chosen) = select::select_backend(&frontend) else {
-                return Reason::DropNoBackend;
+                return no_backend(ctx, &flow, &frontend);
             };
             if conntrack::create(&flow, frontend.id, &chosen, now).is_err() {
                 return Reason::DropConntrackFull;

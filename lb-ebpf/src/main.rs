@@ -9,6 +9,7 @@ mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod reject;
 mod select;
 mod stats;
 

@@ -12,6 +12,7 @@ use crate::{packet::addr, pins::PinDir};
 /// TC verdicts.
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 
 /// What a program did with a packet.
 #[derive(Debug)]
@@ -80,6 +81,17 @@ impl TestLb {
     /// Adds an internal frontend whose slots hold the given backend ids, tier
     /// by tier; returns its id.
     pub fn add_frontend_tiers(&mut self, frontend: &str, proto: u8, tiers: &[&[u32]]) -> u32 {
+        self.add_frontend_flagged(frontend, proto, tiers, 0)
+    }
+
+    /// [`Self::add_frontend_tiers`] with `lb_common::frontend_flags`.
+    pub fn add_frontend_flagged(
+        &mut self,
+        frontend: &str,
+        proto: u8,
+        tiers: &[&[u32]],
+        flags: u16,
+    ) -> u32 {
         assert!(tiers.len() <= MAX_TIERS);
         let id = self.next_frontend_id;
         self.next_frontend_id += 1;
@@ -109,7 +121,7 @@ impl TestLb {
         let value = Frontend {
             id,
             tier_len,
-            flags: 0,
+            flags,
             affinity_timeout_s: 0,
         };
         self.maps

@@ -117,13 +117,3 @@ fn new_flows_spread_over_all_backends() {
     assert_eq!(hits.len(), 3, "every backend chosen: {hits:?}");
     assert!(hits.values().all(|&n| n >= 50), "roughly even: {hits:?}");
 }
-
-#[test]
-fn frontend_without_backends_drops() {
-    require_root!();
-    let mut lb = TestLb::load();
-    lb.add_frontend(VIP, PROTO_TCP, &[]);
-    let out = lb.run(FROM_POD, &Packet::tcp(CLIENT, VIP, flags::SYN).bytes());
-    assert_eq!(out.verdict, xlb_tests::test_lb::TC_ACT_SHOT);
-    assert_eq!(lb.counted(), vec![(Reason::DropNoBackend, 1)]);
-}
