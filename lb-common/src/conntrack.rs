@@ -43,6 +43,15 @@ pub mod ct_state {
     pub const CLOSING: u8 = 2;
 }
 
+/// Bits of [`CtEntry::flags`].
+pub mod ct_flags {
+    /// A pod balanced to itself: its source is translated to
+    /// [`crate::HAIRPIN_ADDR`] on the way in, and back on the way out, so
+    /// the pod sees a peer that is not itself and its reply returns through
+    /// the datapath.
+    pub const HAIRPIN: u8 = 1 << 0;
+}
+
 /// Value of the conntrack map.
 ///
 /// For a [`direction::FORWARD`] entry `nat_addr:nat_port` is the backend the
@@ -60,8 +69,8 @@ pub struct CtEntry {
     pub nat_port: u16,
     /// One of [`ct_state`].
     pub state: u8,
-    /// Reserved, zero.
-    pub pad: u8,
+    /// Bit set of [`ct_flags`].
+    pub flags: u8,
     /// The backend the flow was balanced to.
     pub backend_id: u32,
     /// [`crate::Frontend::id`] of the frontend the flow was addressed to.

@@ -17,6 +17,11 @@ pub use conntrack::*;
 pub use counter::*;
 pub use frontend::*;
 
+/// The source address a pod sees when a Service balanced it to itself
+/// (hairpin), like Cilium's service loopback address: link-local, never a
+/// pod's or a node's.
+pub const HAIRPIN_ADDR: u32 = ipv4_raw([169, 254, 42, 1]);
+
 /// IANA protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
 /// IANA protocol number of UDP.

@@ -3,7 +3,9 @@
 //! entry).
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{CT_REFRESH_NS, CtEntry, CtKey, PROTO_TCP, ct_state, direction};
+use lb_common::{
+    CT_REFRESH_NS, CtEntry, CtKey, HAIRPIN_ADDR, PROTO_TCP, ct_flags, ct_state, direction,
+};
 
 use crate::{
     maps::CONNTRACK,
@@ -74,13 +76,25 @@ fn next_state(state: u8, flow: &Flow) -> u8 {
 }
 
 /// Records a new flow balanced to `chosen`: the reply entry first, so a
-/// reply can never overtake its rev-NAT entry, then the forward entry.
+/// reply can never overtake its rev-NAT entry, then the forward entry. A
+/// hairpin flow's replies go to [`HAIRPIN_ADDR`], the source its backend
+/// sees.
 #[inline(always)]
-pub fn create(flow: &Flow, frontend_id: u32, chosen: &Chosen, now: u64) -> Result<(), i32> {
+pub fn create(
+    flow: &Flow,
+    frontend_id: u32,
+    chosen: &Chosen,
+    flags: u8,
+    now: u64,
+) -> Result<(), i32> {
     let state = next_state(ct_state::NEW, flow);
     let reply_key = CtKey {
         saddr: chosen.backend.addr,
-        daddr: flow.saddr,
+        daddr: if flags & ct_flags::HAIRPIN != 0 {
+            HAIRPIN_ADDR
+        } else {
+            flow.saddr
+        },
         sport: chosen.backend.port,
         dport: flow.sport,
         proto: flow.proto,
@@ -92,7 +106,7 @@ pub fn create(flow: &Flow, frontend_id: u32, chosen: &Chosen, now: u64) -> Resul
         nat_addr: flow.daddr,
         nat_port: flow.dport,
         state,
-        pad: 0,
+        flags,
         backend_id: chosen.id,
         frontend_id,
     };

@@ -2,11 +2,11 @@
 //! parse → frontend lookup → conntrack → select backend → NAT.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{Frontend, Reason, direction, frontend_flags, scope};
+use lb_common::{Frontend, HAIRPIN_ADDR, Reason, ct_flags, direction, frontend_flags, scope};
 
 use crate::{
     conntrack, frontend,
-    nat::{self, Side},
+    nat::{self, Rewrite},
     packet::{self, Flow, MAX_HEADER_LEN, Packet},
     reject, select,
 };
@@ -74,6 +74,11 @@ pub fn forward(ctx: &TcContext) -> Reason {
         Err(reason) => return reason,
     };
     let Some(frontend) = frontend::lookup(&flow, scope::INTERNAL) else {
+        // A pod answering a hairpin flow: its reply goes to the hairpin
+        // address and is translated back here, on its way out of the pod.
+        if flow.daddr == HAIRPIN_ADDR {
+            return rev_nat(ctx, &pkt, &flow);
+        }
         return pass_reason(&flow);
     };
     if let Err(reason) = translatable(&flow) {
@@ -82,19 +87,40 @@ pub fn forward(ctx: &TcContext) -> Reason {
     let now = conntrack::now_ns();
     let established = conntrack::lookup(&flow, direction::FORWARD, now)
         .filter(|entry| select::lookup_backend(entry.backend_id).is_some());
-    let (addr, port, reason) = match established {
-        Some(entry) => (entry.nat_addr, entry.nat_port, Reason::ForwardEstablished),
+    let (addr, port, flags, reason) = match established {
+        Some(entry) => (
+            entry.nat_addr,
+            entry.nat_port,
+            entry.flags,
+            Reason::ForwardEstablished,
+        ),
         None => {
             let Some(chosen) = select::select_backend(&frontend) else {
                 return no_backend(ctx, &flow, &frontend);
             };
-            if conntrack::create(&flow, frontend.id, &chosen, now).is_err() {
+            // Balanced to itself: the pod must see another source, or it
+            // would drop the packet as its own (and answer itself directly).
+            let flags = if chosen.backend.addr == flow.saddr {
+                ct_flags::HAIRPIN
+            } else {
+                0
+            };
+            if conntrack::create(&flow, frontend.id, &chosen, flags, now).is_err() {
                 return Reason::DropConntrackFull;
             }
-            (chosen.backend.addr, chosen.backend.port, Reason::ForwardNew)
+            (
+                chosen.backend.addr,
+                chosen.backend.port,
+                flags,
+                Reason::ForwardNew,
+            )
         }
     };
-    match nat::rewrite_tc(ctx, &pkt, &flow, Side::Destination, addr, port) {
+    let rewrite = Rewrite {
+        destination: Some((addr, port)),
+        source: (flags & ct_flags::HAIRPIN != 0).then_some((HAIRPIN_ADDR, flow.sport)),
+    };
+    match nat::rewrite_tc(ctx, &pkt, &flow, &rewrite) {
         Ok(()) => reason,
         Err(_) => Reason::DropMalformed,
     }
@@ -109,21 +135,25 @@ pub fn reverse(ctx: &TcContext) -> Reason {
         Ok(flow) => flow,
         Err(reason) => return reason,
     };
+    rev_nat(ctx, &pkt, &flow)
+}
+
+/// Rev-NAT of a reply: its source becomes the frontend again (and a
+/// hairpin reply goes back to the pod itself).
+#[inline(always)]
+fn rev_nat(ctx: &TcContext, pkt: &Packet, flow: &Flow) -> Reason {
     let now = conntrack::now_ns();
-    let Some(entry) = conntrack::lookup(&flow, direction::REPLY, now) else {
-        return pass_reason(&flow);
+    let Some(entry) = conntrack::lookup(flow, direction::REPLY, now) else {
+        return pass_reason(flow);
     };
-    if let Err(reason) = translatable(&flow) {
+    if let Err(reason) = translatable(flow) {
         return reason;
     }
-    match nat::rewrite_tc(
-        ctx,
-        &pkt,
-        &flow,
-        Side::Source,
-        entry.nat_addr,
-        entry.nat_port,
-    ) {
+    let rewrite = Rewrite {
+        source: Some((entry.nat_addr, entry.nat_port)),
+        destination: (entry.flags & ct_flags::HAIRPIN != 0).then_some((flow.saddr, flow.dport)),
+    };
+    match nat::rewrite_tc(ctx, pkt, flow, &rewrite) {
         Ok(()) => Reason::RevNat,
         Err(_) => Reason::DropMalformed,
     }

@@ -63,3 +63,32 @@ fn backend_reaching_a_client_directly_is_not_a_flow() {
     let packet = Packet::tcp(BACKEND, CLIENT, flags::SYN | flags::ACK).bytes();
     lb.assert_passes_unchanged(TO_POD, &packet, Reason::PassNotLoadBalanced);
 }
+
+#[test]
+fn hairpin_pod_balanced_to_itself_sees_another_source_and_gets_its_reply() {
+    require_root!();
+    const POD: &str = "10.244.1.5:40000";
+    const SELF_BACKEND: &str = "10.244.1.5:8080";
+    const HAIRPIN: &str = "169.254.42.1:40000";
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        let mut lb = TestLb::load();
+        lb.add_frontend(VIP, proto, &[SELF_BACKEND]);
+        let (request, reply) = match proto {
+            PROTO_TCP => (
+                Packet::tcp(POD, VIP, flags::SYN),
+                Packet::tcp(SELF_BACKEND, HAIRPIN, flags::SYN | flags::ACK),
+            ),
+            _ => (Packet::udp(POD, VIP), Packet::udp(SELF_BACKEND, HAIRPIN)),
+        };
+        let out = lb.run(FROM_POD, &request.bytes());
+        let got = seen(&out.frame);
+        assert_eq!((got.src, got.dst), (addr(HAIRPIN), addr(SELF_BACKEND)), "request");
+        // The pod answers the hairpin address; it leaves the pod through
+        // the same program and comes back as the frontend's answer.
+        let out = lb.run(FROM_POD, &reply.bytes());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        let got = seen(&out.frame);
+        assert_eq!((got.src, got.dst), (addr(VIP), addr(POD)), "reply");
+        assert_eq!(lb.counted(), vec![(Reason::ForwardNew, 1), (Reason::RevNat, 1)]);
+    }
+}
