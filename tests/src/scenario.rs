@@ -41,11 +41,7 @@ pub fn manifests(cluster: &Cluster, ready: &[&str]) -> String {
     let endpoints: Vec<Endpoint> = REPLICAS
         .iter()
         .filter(|(name, _)| ready.contains(name))
-        .map(|(name, node)| Endpoint {
-            ip: cluster.pod(name).ip,
-            node: &cluster.nodes[*node].name,
-            ready: true,
-        })
+        .map(|(name, node)| Endpoint::ready(cluster.pod(name).ip, &cluster.nodes[*node].name))
         .collect();
     let slice_ports = [Port::tcp("", TARGET_PORT), Port::udp("udp", TARGET_PORT)];
     documents(&[

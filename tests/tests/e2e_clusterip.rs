@@ -72,11 +72,7 @@ fn multiport_service_with_named_target_port_resolved_per_slice() {
     let vip = "10.96.7.7".parse().unwrap();
     let slice = |name: &str, pod: &str, node: &str, http: u16| {
         let ports = [Port::tcp("http", http), Port::tcp("admin", 7000)];
-        let endpoint = Endpoint {
-            ip: cluster.pod(pod).ip,
-            node,
-            ready: true,
-        };
+        let endpoint = Endpoint::ready(cluster.pod(pod).ip, node);
         endpoint_slice("api", name, &ports, &[endpoint])
     };
     let yaml = documents(&[

@@ -87,9 +87,14 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
         "web-0, web-1 and client, both directions"
     );
     assert!(!bpffs.exists(), "pins removed");
-    // Nothing translates the ClusterIP on node1 any more.
-    let result = cluster
-        .pod("client")
-        .run(|| xlb_tests::echo::tcp_request(frontend()));
-    assert!(result.is_err(), "{result:?}");
+    // Nothing translates the ClusterIP on node1 any more (the kernel frees
+    // an unpinned link after a grace period).
+    eventually("the datapath is gone", Duration::from_secs(2), || {
+        let result = cluster
+            .pod("client")
+            .run(|| xlb_tests::echo::tcp_request(frontend()));
+        ensure!(result.is_err(), "{result:?}");
+        Ok(())
+    })
+    .unwrap();
 }

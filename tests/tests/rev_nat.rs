@@ -82,13 +82,20 @@ fn hairpin_pod_balanced_to_itself_sees_another_source_and_gets_its_reply() {
         };
         let out = lb.run(FROM_POD, &request.bytes());
         let got = seen(&out.frame);
-        assert_eq!((got.src, got.dst), (addr(HAIRPIN), addr(SELF_BACKEND)), "request");
+        assert_eq!(
+            (got.src, got.dst),
+            (addr(HAIRPIN), addr(SELF_BACKEND)),
+            "request"
+        );
         // The pod answers the hairpin address; it leaves the pod through
         // the same program and comes back as the frontend's answer.
         let out = lb.run(FROM_POD, &reply.bytes());
         assert_eq!(out.verdict, TC_ACT_OK);
         let got = seen(&out.frame);
         assert_eq!((got.src, got.dst), (addr(VIP), addr(POD)), "reply");
-        assert_eq!(lb.counted(), vec![(Reason::ForwardNew, 1), (Reason::RevNat, 1)]);
+        assert_eq!(
+            lb.counted(),
+            vec![(Reason::ForwardNew, 1), (Reason::RevNat, 1)]
+        );
     }
 }
