@@ -8,11 +8,13 @@
 //! [`port_raw`].
 #![no_std]
 
+mod affinity;
 mod conntrack;
 mod counter;
 mod frontend;
 pub mod maps;
 
+pub use affinity::*;
 pub use conntrack::*;
 pub use counter::*;
 pub use frontend::*;

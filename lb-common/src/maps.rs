@@ -21,8 +21,14 @@ pub const CONNTRACK: &str = "XLB_CONNTRACK";
 /// Capacity of [`CONNTRACK`] (two entries per flow).
 pub const CONNTRACK_MAX: u32 = 262_144;
 
+/// ClientIP session affinity (LRU): [`crate::AffinityKey`] →
+/// [`crate::AffinityEntry`].
+pub const AFFINITY: &str = "XLB_AFFINITY";
+/// Capacity of [`AFFINITY`].
+pub const AFFINITY_MAX: u32 = 131_072;
+
 /// Per-CPU counters: [`crate::Reason`] as `u32` → [`crate::Counter`].
 pub const COUNTERS: &str = "XLB_COUNTERS";
 
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 5] = [FRONTENDS, SLOTS, BACKENDS, CONNTRACK, COUNTERS];
+pub const ALL: [&str; 6] = [FRONTENDS, SLOTS, BACKENDS, CONNTRACK, AFFINITY, COUNTERS];

@@ -95,7 +95,7 @@ pub fn forward(ctx: &TcContext) -> Reason {
             Reason::ForwardEstablished,
         ),
         None => {
-            let Some(chosen) = select::select_backend(&frontend) else {
+            let Some(chosen) = select::select_backend(&frontend, flow.saddr, now) else {
                 return no_backend(ctx, &flow, &frontend);
             };
             // Balanced to itself: the pod must see another source, or it

@@ -9,7 +9,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey, REASON_COUNT, SlotKey, maps,
+    AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
+    REASON_COUNT, SlotKey, maps,
 };
 
 /// What clients address: (address, port, protocol, scope) → frontend.
@@ -29,6 +30,11 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(maps::BACKENDS_MAX,
 /// table evicts the oldest flows instead of refusing new ones.
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(maps::CONNTRACK_MAX, 0);
+
+/// ClientIP session affinity per (frontend, client); LRU like conntrack.
+#[map(name = "XLB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::pinned(maps::AFFINITY_MAX, 0);
 
 /// Packets and bytes per verdict/drop reason, per CPU.
 #[map(name = "XLB_COUNTERS")]

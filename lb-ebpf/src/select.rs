@@ -1,23 +1,25 @@
-//! Backend choice for a new flow: the first non-empty tier, then a
-//! pseudo-random slot in it. Tiers are computed in user space (KEP-3015
-//! order: same node, same zone, all).
+//! Backend choice for a new flow: the first non-empty tier (computed in
+//! user space in KEP-3015 order: same node, same zone, all); in it the
+//! client's affinity backend when the frontend has ClientIP affinity and
+//! the entry is still good, otherwise a pseudo-random slot.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{Backend, Frontend, SlotKey};
+use lb_common::{AffinityEntry, AffinityKey, Backend, Frontend, SlotKey};
 
-use crate::maps::{BACKENDS, SLOTS};
+use crate::maps::{AFFINITY, BACKENDS, SLOTS};
 
-/// A chosen backend and its stable id.
+/// A chosen backend, its stable id and the slot it came from.
 pub struct Chosen {
     pub id: u32,
+    pub slot: u32,
     pub backend: Backend,
 }
 
-/// Picks a backend of `frontend`, or `None` when it has none (or user space
-/// is between writing the count and the slots, which make-before-break
-/// updates avoid).
+/// Picks a backend of `frontend` for a new flow of `client`, or `None`
+/// when it has none (or user space is between writing the count and the
+/// slots, which make-before-break updates avoid).
 #[inline(always)]
-pub fn select_backend(frontend: &Frontend) -> Option<Chosen> {
+pub fn select_backend(frontend: &Frontend, client: u32, now: u64) -> Option<Chosen> {
     let [t0, t1, t2] = frontend.tier_len;
     let (first, len) = if t0 > 0 {
         (0, t0 as u32)
@@ -28,16 +30,66 @@ pub fn select_backend(frontend: &Frontend) -> Option<Chosen> {
     } else {
         return None;
     };
+    let sticky = frontend.affinity_timeout_s != 0;
+    let key = AffinityKey {
+        frontend_id: frontend.id,
+        client_addr: client,
+    };
+    if sticky && let Some(chosen) = affinity_backend(frontend, &key, first, len, now) {
+        return Some(chosen);
+    }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
-    let slot = SlotKey {
-        frontend_id: frontend.id,
-        slot: first + random % len,
-    };
+    let chosen = backend_in_slot(frontend.id, first + random % len)?;
+    if sticky {
+        let entry = AffinityEntry {
+            last_used_ns: now,
+            backend_id: chosen.id,
+            slot: chosen.slot,
+        };
+        // A failed write only costs stickiness for this client.
+        let _ = AFFINITY.insert(key, entry, 0);
+    }
+    Some(chosen)
+}
+
+/// The client's affinity backend, when its entry has not timed out and its
+/// slot, still in the active tier, still holds that backend. Refreshes the
+/// entry: the timeout runs from the client's last new connection.
+#[inline(always)]
+fn affinity_backend(
+    frontend: &Frontend,
+    key: &AffinityKey,
+    first: u32,
+    len: u32,
+    now: u64,
+) -> Option<Chosen> {
+    let entry = AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: a valid map value pointer; racing writers store whole fields.
+    let entry = unsafe { &mut *entry };
+    let timeout_ns = frontend.affinity_timeout_s as u64 * 1_000_000_000;
+    if now.saturating_sub(entry.last_used_ns) > timeout_ns
+        || entry.slot < first
+        || entry.slot >= first + len
+    {
+        return None;
+    }
+    let chosen = backend_in_slot(frontend.id, entry.slot)?;
+    if chosen.id != entry.backend_id {
+        return None;
+    }
+    entry.last_used_ns = now;
+    Some(chosen)
+}
+
+/// The backend in `slot` of frontend `frontend_id`.
+#[inline(always)]
+fn backend_in_slot(frontend_id: u32, slot: u32) -> Option<Chosen> {
+    let key = SlotKey { frontend_id, slot };
     // SAFETY: plain values copied out at once.
-    let id = unsafe { *SLOTS.get(slot)? };
+    let id = unsafe { *SLOTS.get(key)? };
     let backend = lookup_backend(id)?;
-    Some(Chosen { id, backend })
+    Some(Chosen { id, slot, backend })
 }
 
 /// The backend with stable id `id`, if it still exists.

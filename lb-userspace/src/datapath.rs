@@ -27,10 +27,22 @@ impl Datapath {
     /// reused (a restarted agent keeps every flow); missing ones are created
     /// and pinned there.
     pub fn load(bpffs: &Path) -> Result<Self, Error> {
+        Self::load_with_capacities(bpffs, &[])
+    }
+
+    /// [`Self::load`] with some maps' capacities overridden (by name), for
+    /// tests that fill a map.
+    pub fn load_with_capacities(
+        bpffs: &Path,
+        capacities: &[(&'static str, u32)],
+    ) -> Result<Self, Error> {
         bpffs::ensure_dir(bpffs)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs)
-            .load(object::bytes()?)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(bpffs);
+        for (name, max_entries) in capacities {
+            loader.map_max_entries(name, *max_entries);
+        }
+        let mut ebpf = loader.load(object::bytes()?)?;
         for name in program::TC {
             let program = tc_program(&mut ebpf, name)?;
             program

@@ -1,5 +1,9 @@
 //! Where the diff's writes go: the pinned BPF maps, or memory in tests.
 
+use std::collections::BTreeSet;
+
+use lb_common::AffinityKey;
+
 use crate::{
     Error, Maps,
     state::{Op, State},
@@ -11,6 +15,9 @@ pub trait Dataplane {
     fn read(&self) -> Result<State, Error>;
     /// One write.
     fn write(&mut self, op: &Op) -> Result<(), Error>;
+    /// Drops the ClientIP affinity entries of these frontends (deleted, or
+    /// their affinity turned off): a later Service never inherits them.
+    fn forget_affinity(&mut self, frontend_ids: &BTreeSet<u32>) -> Result<(), Error>;
 }
 
 /// The in-memory dataplane of the tests.
@@ -21,6 +28,10 @@ impl Dataplane for State {
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {
         self.apply(op);
+        Ok(())
+    }
+
+    fn forget_affinity(&mut self, _frontend_ids: &BTreeSet<u32>) -> Result<(), Error> {
         Ok(())
     }
 }
@@ -69,6 +80,20 @@ impl Dataplane for Maps {
                 ignore_missing(self.backends.remove(&id)).map_err(Error::map(BACKENDS))
             }
         }
+    }
+
+    fn forget_affinity(&mut self, frontend_ids: &BTreeSet<u32>) -> Result<(), Error> {
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .keys()
+            .flatten()
+            .filter(|key| frontend_ids.contains(&key.frontend_id))
+            .collect();
+        for key in stale {
+            ignore_missing(self.affinity.remove(&key))
+                .map_err(Error::map(lb_common::maps::AFFINITY))?;
+        }
+        Ok(())
     }
 }
 

@@ -1,4 +1,4 @@
-//! `xlb services|backends|conntrack|stats`: the pinned maps of a running (or
+//! `xlb services|backends|conntrack|affinity|stats`: the pinned maps of a running (or
 //! stopped) agent, as a table or as JSON.
 
 use std::{fmt::Write, net::Ipv4Addr, path::Path};
@@ -199,6 +199,56 @@ pub fn stats(bpffs: &Path, format: Format) -> Result<String, Error> {
             total.bytes.to_string(),
         ]);
         json.push(json!({"reason": reason.name(), "verdict": verdict, "packets": total.packets, "bytes": total.bytes}));
+    }
+    Ok(render(format, rows, Value::Array(json)))
+}
+
+/// ClientIP affinity entries with the time they have left.
+pub fn affinity(bpffs: &Path, format: Format) -> Result<String, Error> {
+    let maps = Maps::open_pinned(bpffs)?;
+    let state = maps.read()?;
+    let now = monotonic_coarse_ns();
+    let frontends: std::collections::BTreeMap<u32, _> = state
+        .frontends
+        .iter()
+        .map(|(k, f)| (f.id, (*k, *f)))
+        .collect();
+    let mut entries: Vec<_> = maps.affinity.iter().filter_map(Result::ok).collect();
+    entries.sort_by_key(|(key, _)| *key);
+    let mut rows = vec![vec![
+        "FRONTEND".into(),
+        "PROTO".into(),
+        "CLIENT".into(),
+        "BACKEND".into(),
+        "EXPIRES".into(),
+    ]];
+    let mut json = Vec::new();
+    for (key, entry) in entries {
+        let (frontend, proto_name, timeout_s) = match frontends.get(&key.frontend_id) {
+            Some((k, f)) => (addr(k.addr, k.port), proto(k.proto), f.affinity_timeout_s),
+            None => (format!("#{}", key.frontend_id), "?".into(), 0),
+        };
+        let backend = state.backends.get(&entry.backend_id).map_or_else(
+            || format!("#{}?", entry.backend_id),
+            |b| addr(b.addr, b.port),
+        );
+        let left_s = (entry.last_used_ns + u64::from(timeout_s) * 1_000_000_000)
+            .saturating_sub(now)
+            / 1_000_000_000;
+        rows.push(vec![
+            frontend.clone(),
+            proto_name.clone(),
+            ip(key.client_addr).to_string(),
+            backend.clone(),
+            format!("{left_s}s"),
+        ]);
+        json.push(json!({
+            "frontend": frontend,
+            "protocol": proto_name,
+            "client": ip(key.client_addr).to_string(),
+            "backend": backend,
+            "expires_in_seconds": left_s,
+        }));
     }
     Ok(render(format, rows, Value::Array(json)))
 }

@@ -39,6 +39,8 @@ enum Command {
     Backends(InspectArgs),
     /// Conntrack entries.
     Conntrack(InspectArgs),
+    /// ClientIP session affinity entries, with the time they have left.
+    Affinity(InspectArgs),
     /// Datapath counters by verdict and drop reason.
     Stats(InspectArgs),
     /// Detach every program and remove every pin (uninstall).
@@ -141,6 +143,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Services(args) => print(inspect::services, args),
         Command::Backends(args) => print(inspect::backends, args),
         Command::Conntrack(args) => print(inspect::conntrack, args),
+        Command::Affinity(args) => print(inspect::affinity, args),
         Command::Stats(args) => print(inspect::stats, args),
         Command::Cleanup { bpffs } => {
             let links = cleanup::cleanup(&bpffs)

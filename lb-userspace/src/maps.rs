@@ -5,7 +5,8 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey, REASON_COUNT, Reason, SlotKey, maps,
+    AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
+    REASON_COUNT, Reason, SlotKey, maps,
 };
 
 use crate::Error;
@@ -16,6 +17,7 @@ pub struct Maps {
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub counters: PerCpuArray<MapData, Counter>,
 }
 
@@ -46,6 +48,7 @@ impl Maps {
             slots: typed(maps::SLOTS, open(maps::SLOTS)?)?,
             backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,
             conntrack: typed(maps::CONNTRACK, open(maps::CONNTRACK)?)?,
+            affinity: typed(maps::AFFINITY, open(maps::AFFINITY)?)?,
             counters: typed(maps::COUNTERS, open(maps::COUNTERS)?)?,
         })
     }

@@ -13,7 +13,7 @@ use crate::{
     model::{self, Node},
     problem::{Invalid, Problem},
     source::Snapshot,
-    state::State,
+    state::{Op, State},
 };
 
 /// Keeps a dataplane equal to what snapshots say.
@@ -66,6 +66,7 @@ impl<D: Dataplane> Syncer<D> {
         let (ops, capacity) = diff(&desired, &self.mirror);
         problems.extend(capacity);
         let mut writes = 0;
+        let forget = affinity_to_forget(&ops, &self.mirror);
         for op in &ops {
             match self.dataplane.write(op) {
                 Ok(()) => {
@@ -80,6 +81,14 @@ impl<D: Dataplane> Syncer<D> {
                 )),
             }
         }
+        if !forget.is_empty()
+            && let Err(err) = self.dataplane.forget_affinity(&forget)
+        {
+            problems.push(Problem::new(
+                "affinity entries",
+                Invalid::Capacity(err.to_string()),
+            ));
+        }
         let current: BTreeSet<Problem> = problems.into_iter().collect();
         let new_problems = current.difference(&self.reported).cloned().collect();
         self.reported = current;
@@ -91,6 +100,22 @@ impl<D: Dataplane> Syncer<D> {
             duration: started.elapsed(),
         }
     }
+}
+
+/// The frontends whose affinity entries must go once `ops` are applied to
+/// `current`: deleted ones, and ones whose affinity is turned off.
+fn affinity_to_forget(ops: &[Op], current: &State) -> BTreeSet<u32> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::DeleteFrontend(key) => current.frontends.get(key).map(|f| f.id),
+            Op::PutFrontend(key, new) if new.affinity_timeout_s == 0 => current
+                .frontends
+                .get(key)
+                .filter(|old| old.affinity_timeout_s != 0)
+                .map(|old| old.id),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -226,5 +251,47 @@ mod transitions {
             let (desired, _): (Desired, _) = crate::model::desired(&snapshot, &node);
             assert_eq!(desired.frontends.len(), frontends, "{step}");
         }
+    }
+}
+
+#[cfg(test)]
+mod affinity {
+    use lb_common::{Frontend, FrontendKey};
+
+    use super::*;
+
+    #[test]
+    fn entries_go_with_their_frontend_or_their_affinity() {
+        let key = |port| FrontendKey {
+            port,
+            ..FrontendKey::default()
+        };
+        let sticky = |id| Frontend {
+            id,
+            affinity_timeout_s: 10,
+            ..Frontend::default()
+        };
+        let mut current = State::default();
+        current.frontends.insert(key(1), sticky(1));
+        current.frontends.insert(key(2), sticky(2));
+        current.frontends.insert(key(3), sticky(3));
+        let ops = [
+            Op::DeleteFrontend(key(1)),
+            Op::PutFrontend(
+                key(2),
+                Frontend {
+                    id: 2,
+                    ..Frontend::default()
+                },
+            ),
+            Op::PutFrontend(
+                key(3),
+                Frontend {
+                    affinity_timeout_s: 20,
+                    ..sticky(3)
+                },
+            ),
+        ];
+        assert_eq!(affinity_to_forget(&ops, &current), BTreeSet::from([1, 2]));
     }
 }

@@ -34,8 +34,14 @@ pub struct TestLb {
 impl TestLb {
     /// Loads the embedded object with its maps pinned in a fresh directory.
     pub fn load() -> Self {
+        Self::load_with_capacities(&[])
+    }
+
+    /// [`Self::load`] with some maps' capacities overridden by name.
+    pub fn load_with_capacities(capacities: &[(&'static str, u32)]) -> Self {
         let pins = PinDir::new();
-        let mut datapath = Datapath::load(pins.path()).expect("load the datapath");
+        let mut datapath =
+            Datapath::load_with_capacities(pins.path(), capacities).expect("load the datapath");
         let maps = datapath.take_maps().expect("open the maps");
         Self {
             datapath,
@@ -92,6 +98,18 @@ impl TestLb {
         tiers: &[&[u32]],
         flags: u16,
     ) -> u32 {
+        self.add_frontend_full(frontend, proto, tiers, flags, 0)
+    }
+
+    /// An internal frontend with every field given; returns its id.
+    pub fn add_frontend_full(
+        &mut self,
+        frontend: &str,
+        proto: u8,
+        tiers: &[&[u32]],
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> u32 {
         assert!(tiers.len() <= MAX_TIERS);
         let id = self.next_frontend_id;
         self.next_frontend_id += 1;
@@ -122,7 +140,7 @@ impl TestLb {
             id,
             tier_len,
             flags,
-            affinity_timeout_s: 0,
+            affinity_timeout_s,
         };
         self.maps
             .frontends
