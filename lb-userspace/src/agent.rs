@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::{
     Datapath, Error,
     attach::PodInterfaces,
+    health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
     model::Node,
     source::{Snapshot, file},
@@ -50,6 +51,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let bound = metrics::serve(config.healthz_addr, Endpoints::Health, metrics.clone())?;
     info!(addr = %bound, "serving /healthz and /livez");
     let mut interfaces = PodInterfaces::new(config.pod_ifaces.clone(), &config.bpffs);
+    let mut health_checks = HealthChecks::default();
     info!(
         node = %config.node.name,
         manifests = %config.manifests.display(),
@@ -76,7 +78,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
         if last_fingerprint.as_ref() != Some(&fingerprint) || resync_due {
             let snapshot = file::read(&config.manifests);
-            let report = syncer.sync(&snapshot, &node_for(&config.node, &snapshot));
+            let node = node_for(&config.node, &snapshot);
+            let report = syncer.sync(&snapshot, &node);
+            health_checks.sync(&report.health_checks, &node.ips);
             for problem in &report.new_problems {
                 warn!(object = %problem.object, reason = problem.reason.label(), "skipped: {}", problem.reason);
                 metrics.count_invalid(&problem.reason);

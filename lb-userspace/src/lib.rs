@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod dataplane;
 pub mod diff;
 mod error;
+pub mod health_check;
 pub mod inspect;
 pub mod maps;
 pub mod metrics;

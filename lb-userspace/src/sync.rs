@@ -34,6 +34,8 @@ pub struct SyncReport {
     pub frontends: usize,
     pub backends: usize,
     pub duration: Duration,
+    /// The healthCheckNodePorts this node must serve.
+    pub health_checks: std::collections::BTreeMap<u16, crate::model::HealthCheck>,
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -98,6 +100,7 @@ impl<D: Dataplane> Syncer<D> {
             frontends: self.mirror.frontends.len(),
             backends: self.mirror.backends.len(),
             duration: started.elapsed(),
+            health_checks: desired.health_checks,
         }
     }
 }

@@ -359,7 +359,8 @@ pub fn pod_cidr(node: usize) -> String {
     format!("10.244.{}.0/24", node + 1)
 }
 
-fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+/// An HTTP/1.0 GET of `path` at `addr` from the calling thread's namespace.
+pub fn http_get(addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
