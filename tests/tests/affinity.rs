@@ -45,6 +45,20 @@ fn key(frontend: u32, client: &str) -> AffinityKey {
     }
 }
 
+/// Writes the affinity entry of `client`: backend `backend_id` in slot 2,
+/// last used `age_ns` ago.
+fn plant(lb: &mut TestLb, frontend: u32, client: &str, backend_id: u32, age_ns: u64) {
+    let entry = AffinityEntry {
+        last_used_ns: monotonic_coarse_ns() - age_ns,
+        backend_id,
+        slot: 2,
+    };
+    lb.maps
+        .affinity
+        .insert(key(frontend, client), entry, 0)
+        .unwrap();
+}
+
 #[test]
 fn new_connections_of_a_client_stick_to_one_backend() {
     require_root!();
@@ -87,19 +101,8 @@ fn an_unexpired_entry_is_honoured_an_expired_one_is_not() {
     require_root!();
     let (mut lb, frontend, ids) = sticky(2);
     let client = "10.244.1.5";
-    let plant = |lb: &mut TestLb, age_ns: u64| {
-        let entry = AffinityEntry {
-            last_used_ns: monotonic_coarse_ns() - age_ns,
-            backend_id: ids[2],
-            slot: 2,
-        };
-        lb.maps
-            .affinity
-            .insert(key(frontend, client), entry, 0)
-            .unwrap();
-    };
     // One second old, timeout two: honoured, and refreshed.
-    plant(&mut lb, 1_000_000_000);
+    plant(&mut lb, frontend, client, ids[2], 1_000_000_000);
     assert_eq!(connect(&mut lb, client, 40000), addr(BACKENDS[2]));
     let entry = lb.maps.affinity.get(&key(frontend, client), 0).unwrap();
     assert!(
@@ -110,7 +113,7 @@ fn an_unexpired_entry_is_honoured_an_expired_one_is_not() {
     // controls time through the entry's timestamp).
     let mut chosen = BTreeSet::new();
     for port in 0..30 {
-        plant(&mut lb, 3_000_000_000);
+        plant(&mut lb, frontend, client, ids[2], 3_000_000_000);
         chosen.insert(connect(&mut lb, client, 41000 + port));
     }
     assert!(
@@ -126,15 +129,7 @@ fn entries_of_removed_backends_are_never_honoured() {
     let client = "10.244.1.5";
     // The client sticks to slot 2; then slot 2's backend is replaced (what
     // user space does when that endpoint goes: the last slot moves in).
-    let entry = AffinityEntry {
-        last_used_ns: monotonic_coarse_ns(),
-        backend_id: ids[2],
-        slot: 2,
-    };
-    lb.maps
-        .affinity
-        .insert(key(frontend, client), entry, 0)
-        .unwrap();
+    plant(&mut lb, frontend, client, ids[2], 0);
     let replacement = lb.add_backend("10.244.9.9:8080", PROTO_TCP);
     lb.maps
         .slots
