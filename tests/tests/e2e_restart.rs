@@ -71,6 +71,28 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
         .unwrap();
     cluster.kill_agent(0).unwrap();
     let bpffs = cluster.bpffs(0).to_owned();
+    // The inspection CLI reads the pins of a stopped agent.
+    for command in ["services", "backends", "conntrack", "affinity", "stats"] {
+        let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
+            .args([command, "--bpffs"])
+            .arg(&bpffs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "xlb {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
+        .args(["conntrack", "--bpffs"])
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("10.96.0.10:8080"),
+        "the flow is listed"
+    );
     let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
         .arg("cleanup")
         .arg("--bpffs")

@@ -133,6 +133,24 @@ fn bad_input_is_skipped_counted_and_never_breaks_other_services() {
     // The good Service still spreads over every backend; the agent is healthy.
     let backends = answering(&cluster, 30).unwrap();
     assert_eq!(backends.len(), 3, "{backends:?}");
+    // The datapath's counters by reason, and the sync metrics, are exported
+    // (2 frontends, TCP and UDP; 3 backends each, ids per protocol).
+    let (_, text) = cluster.http_get(0, metrics, "/metrics").unwrap();
+    let forwarded = text
+        .lines()
+        .find(|l| l.starts_with("xlb_datapath_packets_total{reason=\"forward_new\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(
+        forwarded.is_some_and(|n| n >= 30),
+        "datapath counters in\n{text}"
+    );
+    for family in [
+        "xlb_sync_duration_seconds_bucket",
+        "xlb_frontends 2",
+        "xlb_backends 6",
+    ] {
+        assert!(text.contains(family), "{family} in\n{text}");
+    }
     let (status, _) = cluster
         .http_get(0, "127.0.0.1:10256".parse().unwrap(), "/healthz")
         .unwrap();
