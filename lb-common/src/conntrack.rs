@@ -45,18 +45,29 @@ pub mod ct_state {
 
 /// Bits of [`CtEntry::flags`].
 pub mod ct_flags {
+    /// The client's end is translated too ([`super::CtEntry::peer_addr`]):
+    /// a hairpin flow, or an external flow SNATed to the node.
+    pub const SNAT: u8 = 1 << 0;
     /// A pod balanced to itself: its source is translated to
     /// [`crate::HAIRPIN_ADDR`] on the way in, and back on the way out, so
     /// the pod sees a peer that is not itself and its reply returns through
-    /// the datapath.
-    pub const HAIRPIN: u8 = 1 << 0;
+    /// the datapath. Always with [`SNAT`].
+    pub const HAIRPIN: u8 = 1 << 1;
+    /// Entered the node through an external interface (NodePort,
+    /// LoadBalancer, externalIP): its replies are translated where they
+    /// enter the datapath and sent back out by a route lookup, since their
+    /// new source is the node's (or the frontend's) address.
+    pub const EXTERNAL: u8 = 1 << 2;
 }
 
 /// Value of the conntrack map.
 ///
 /// For a [`direction::FORWARD`] entry `nat_addr:nat_port` is the backend the
-/// destination is rewritten to; for a [`direction::REPLY`] entry it is the
-/// frontend the source is rewritten back to.
+/// destination is rewritten to, and with [`ct_flags::SNAT`]
+/// `peer_addr:peer_port` the source the backend sees. For a
+/// [`direction::REPLY`] entry `nat_addr:nat_port` is the frontend the source
+/// is rewritten back to, and with [`ct_flags::SNAT`] `peer_addr:peer_port`
+/// the client the destination is rewritten back to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -75,8 +86,14 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// [`crate::Frontend::id`] of the frontend the flow was addressed to.
     pub frontend_id: u32,
+    /// The other end's translation, wire order (see above).
+    pub peer_addr: u32,
+    /// The other end's port, wire order.
+    pub peer_port: u16,
+    /// Reserved, zero.
+    pub pad: u16,
 }
-map_type!(CtEntry, 24);
+map_type!(CtEntry, 32);
 
 const SECOND_NS: u64 = 1_000_000_000;
 /// A TCP flow that has seen only its SYN (Cilium and netfilter: 60 s).
@@ -87,6 +104,14 @@ pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 24 * 3600 * SECOND_NS;
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * SECOND_NS;
 /// An idle UDP flow (netfilter's UDP stream timeout).
 pub const CT_TIMEOUT_UDP_NS: u64 = 120 * SECOND_NS;
+/// The source ports SNAT hands out (host order), kept above the kernel's
+/// default ephemeral range (`ip_local_port_range`, 32768–60999) so that a
+/// translated flow never takes the tuple of one of the node's own
+/// connections, such as a kubelet probe to the same backend.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// The last SNAT source port (host order).
+pub const SNAT_PORT_MAX: u16 = 65_535;
+
 /// How stale `last_seen_ns` may get before a packet refreshes it; saves a
 /// write (and a cache-line bounce between CPUs) on most packets.
 pub const CT_REFRESH_NS: u64 = SECOND_NS;

@@ -39,6 +39,12 @@ pub enum Reason {
     DropMalformed,
     /// The conntrack entry could not be written.
     DropConntrackFull,
+    /// A client outside the frontend's `loadBalancerSourceRanges`.
+    DropSourceRange,
+    /// No free SNAT port for a new external flow to a remote backend.
+    DropNoSnatPort,
+    /// A packet xlb forwards itself whose TTL ran out.
+    DropTtlExceeded,
 }
 
 impl Reason {
@@ -57,6 +63,9 @@ impl Reason {
         Reason::DropFragment,
         Reason::DropMalformed,
         Reason::DropConntrackFull,
+        Reason::DropSourceRange,
+        Reason::DropNoSnatPort,
+        Reason::DropTtlExceeded,
     ];
 
     /// The snake_case name used in metrics and the `stats` command.
@@ -75,6 +84,9 @@ impl Reason {
             Reason::DropFragment => "drop_fragment",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropConntrackFull => "drop_conntrack_full",
+            Reason::DropSourceRange => "drop_source_range",
+            Reason::DropNoSnatPort => "drop_no_snat_port",
+            Reason::DropTtlExceeded => "drop_ttl_exceeded",
         }
     }
 
@@ -87,12 +99,15 @@ impl Reason {
                 | Reason::DropFragment
                 | Reason::DropMalformed
                 | Reason::DropConntrackFull
+                | Reason::DropSourceRange
+                | Reason::DropNoSnatPort
+                | Reason::DropTtlExceeded
         )
     }
 }
 
 /// Number of [`Reason`]s: the size of the counters map.
-pub const REASON_COUNT: usize = 13;
+pub const REASON_COUNT: usize = 16;
 
 /// Value of the per-CPU counters map.
 #[repr(C)]

@@ -53,6 +53,9 @@ pub mod frontend_flags {
     /// With no backend in any tier, drop silently (a Local traffic policy
     /// without a local endpoint, as kube-proxy) instead of rejecting.
     pub const DROP_WHEN_EMPTY: u16 = 1 << 0;
+    /// Only clients in the frontend's source ranges (the source-ranges map,
+    /// `loadBalancerSourceRanges`) may connect; others are dropped.
+    pub const SOURCE_RANGES: u16 = 1 << 1;
 }
 
 impl Frontend {
@@ -86,7 +89,27 @@ pub struct Backend {
     pub port: u16,
     /// [`crate::PROTO_TCP`] or [`crate::PROTO_UDP`].
     pub proto: u8,
-    /// Reserved, zero.
-    pub pad: u8,
+    /// Bit set of [`backend_flags`].
+    pub flags: u8,
 }
 map_type!(Backend, 8);
+
+/// Bits of [`Backend::flags`].
+pub mod backend_flags {
+    /// The backend runs on this node: external traffic reaches it without
+    /// SNAT, and its replies pass through this node anyway.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// Key of the source-ranges map (an LPM trie; the prefix length counts the
+/// 32 bits of `frontend_id` plus the range's): one allowed client network
+/// of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    /// [`Frontend::id`], matched whole.
+    pub frontend_id: u32,
+    /// The network's address (the client address on lookup), wire order.
+    pub addr: u32,
+}
+map_type!(SourceRangeKey, 8);

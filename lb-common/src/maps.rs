@@ -27,8 +27,26 @@ pub const AFFINITY: &str = "XLB_AFFINITY";
 /// Capacity of [`AFFINITY`].
 pub const AFFINITY_MAX: u32 = 131_072;
 
+/// `loadBalancerSourceRanges` (LPM trie): [`crate::SourceRangeKey`] → `u8`
+/// (unused, 1).
+pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
+/// Capacity of [`SOURCE_RANGES`].
+pub const SOURCE_RANGES_MAX: u32 = 65_536;
+
 /// Per-CPU counters: [`crate::Reason`] as `u32` → [`crate::Counter`].
 pub const COUNTERS: &str = "XLB_COUNTERS";
 
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 6] = [FRONTENDS, SLOTS, BACKENDS, CONNTRACK, AFFINITY, COUNTERS];
+pub const ALL: [&str; 7] = [
+    FRONTENDS,
+    SLOTS,
+    BACKENDS,
+    CONNTRACK,
+    AFFINITY,
+    SOURCE_RANGES,
+    COUNTERS,
+];
+
+/// The global (`EbpfLoader::set_global`) holding the node address that
+/// external flows to remote backends are SNATed to, wire order.
+pub const GLOBAL_SNAT_ADDR: &str = "XLB_SNAT_ADDR";

@@ -20,3 +20,10 @@ pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
     let sum = (!check as u32) + (not_from & 0xffff) + (not_from >> 16) + (to & 0xffff) + (to >> 16);
     !fold(sum)
 }
+
+/// The checksum `check` after a 16-bit field changed from `from` to `to`.
+#[inline(always)]
+pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
+    let sum = (!check as u32) + (!from as u32) + (to as u32);
+    !fold(sum)
+}

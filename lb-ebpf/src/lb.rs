@@ -1,32 +1,58 @@
-//! The load-balancing pipelines, in the order the problem reads:
-//! parse → frontend lookup → conntrack → select backend → NAT.
+//! The load-balancing pipeline, in the order the problem reads:
+//! parse → frontend lookup → conntrack → select backend → NAT decision.
+//!
+//! Everything here is the same for every hook: it reads the flow and the
+//! maps and says what to do. The hooks (`tc`, `xdp`) apply the verdict
+//! with what their context allows.
 
-use aya_ebpf::programs::TcContext;
-use lb_common::{Frontend, HAIRPIN_ADDR, Reason, ct_flags, direction, frontend_flags, scope};
+use lb_common::{
+    Frontend, HAIRPIN_ADDR, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, backend_flags, ct_flags,
+    direction, frontend_flags, port_host, scope,
+};
 
 use crate::{
     conntrack, frontend,
-    nat::{self, Rewrite},
-    packet::{self, Flow, MAX_HEADER_LEN, Packet},
-    reject, select,
+    nat::{NewEnd, Rewrite},
+    packet::Flow,
+    select,
 };
 
-/// The packet's headers as direct-access memory. Headers of a non-linear
-/// skb are pulled into the linear part first (rare: GSO/GRO packets).
+/// The node address external flows to remote backends are SNATed to (wire
+/// order), set by the loader; 0 turns SNAT off.
+#[unsafe(no_mangle)]
+static XLB_SNAT_ADDR: u32 = 0;
+
 #[inline(always)]
-fn tc_packet(ctx: &TcContext) -> Packet {
-    let linear = ctx.data_end() - ctx.data();
-    let len = ctx.len() as usize;
-    if linear < MAX_HEADER_LEN && len > linear {
-        let want = if len < MAX_HEADER_LEN {
-            len
-        } else {
-            MAX_HEADER_LEN
-        };
-        // On failure the parser finds a short packet and passes it.
-        let _ = ctx.pull_data(want as u32);
-    }
-    Packet::new(ctx.data(), ctx.data_end())
+fn snat_addr() -> u32 {
+    // SAFETY: a read-only global the loader fills in; volatile so the
+    // compiler does not fold the 0 it was compiled with.
+    unsafe { core::ptr::read_volatile(&XLB_SNAT_ADDR) }
+}
+
+/// A translation the hook must apply.
+#[derive(Clone, Copy)]
+pub struct Translation {
+    /// The counter it goes under.
+    pub reason: Reason,
+    pub rewrite: Rewrite,
+    /// Forward it by route lookup instead of handing it to the stack: its
+    /// new source is the node's or a frontend's address, which the stack
+    /// would drop as a martian.
+    pub route: bool,
+}
+
+/// What the pipeline decided for one packet.
+pub enum Verdict {
+    /// Not ours, or nothing to change: leave it untouched.
+    Pass(Reason),
+    /// Addressed to a frontend but refused.
+    Drop(Reason),
+    /// Addressed to a frontend without a backend to choose: with `drop`
+    /// (a Local policy without local endpoints) drop, otherwise reject.
+    NoBackend {
+        drop: bool,
+    },
+    Translate(Translation),
 }
 
 /// Why a packet that is not load balanced passes.
@@ -52,109 +78,111 @@ fn translatable(flow: &Flow) -> Result<(), Reason> {
     }
 }
 
-/// A frontend without a backend to choose: drop when its Local policy left
-/// this node without endpoints, otherwise reject (kube-proxy's rules).
+/// A pod's packet (TC ingress of its veth): balanced when it is addressed
+/// to a frontend; translated back when it is a reply this node must
+/// translate itself (hairpin, external flows to a local backend).
 #[inline(always)]
-fn no_backend(ctx: &TcContext, flow: &Flow, frontend: &Frontend) -> Reason {
-    if frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0 {
-        return Reason::DropNoLocalBackend;
-    }
-    match reject::reply_tc(ctx, flow) {
-        Ok(()) => Reason::RejectNoBackend,
-        Err(_) => Reason::DropNoBackend,
+pub fn from_pod(flow: &Flow) -> Verdict {
+    match frontend::lookup(flow, scope::INTERNAL) {
+        Some(frontend) => balance(flow, &frontend, false),
+        None => reply(flow, ct_flags::SNAT | ct_flags::EXTERNAL),
     }
 }
 
-/// A pod's packet: DNAT to a backend when it is addressed to a frontend.
+/// A packet delivered to a pod (TC egress of its veth): translated back
+/// when it is the reply of a load-balanced flow.
 #[inline(always)]
-pub fn forward(ctx: &TcContext) -> Reason {
-    let pkt = tc_packet(ctx);
-    let flow = match packet::parse(&pkt) {
-        Ok(flow) => flow,
-        Err(reason) => return reason,
-    };
-    let Some(frontend) = frontend::lookup(&flow, scope::INTERNAL) else {
-        // A pod answering a hairpin flow: its reply goes to the hairpin
-        // address and is translated back here, on its way out of the pod.
-        if flow.daddr == HAIRPIN_ADDR {
-            return rev_nat(ctx, &pkt, &flow);
-        }
-        return pass_reason(&flow);
-    };
-    if let Err(reason) = translatable(&flow) {
-        return reason;
+pub fn to_pod(flow: &Flow) -> Verdict {
+    reply(flow, 0)
+}
+
+/// A packet arriving from outside (external interface, TC or XDP):
+/// balanced when it is addressed to a NodePort, LoadBalancer or external
+/// IP; translated back when it is a backend's reply to a SNATed flow.
+#[inline(always)]
+pub fn from_outside(flow: &Flow) -> Verdict {
+    if let Some(frontend) = frontend::lookup(flow, scope::EXTERNAL) {
+        return balance(flow, &frontend, true);
+    }
+    let port = port_host(flow.dport);
+    if flow.daddr == snat_addr() && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port) {
+        return reply(flow, ct_flags::SNAT);
+    }
+    Verdict::Pass(pass_reason(flow))
+}
+
+/// DNAT of a packet addressed to `frontend`: the flow's backend from
+/// conntrack, or a new choice. `external`: the client is outside the
+/// cluster, so a remote backend gets the flow SNATed to this node.
+#[inline(always)]
+fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
+    if !frontend::admits(frontend, flow.saddr) {
+        return Verdict::Drop(Reason::DropSourceRange);
+    }
+    if let Err(reason) = translatable(flow) {
+        return Verdict::Drop(reason);
     }
     let now = conntrack::now_ns();
-    let established = conntrack::lookup(&flow, direction::FORWARD, now)
+    let established = conntrack::lookup(flow, direction::FORWARD, now)
         .filter(|entry| select::lookup_backend(entry.backend_id).is_some());
-    let (addr, port, flags, reason) = match established {
-        Some(entry) => (
-            entry.nat_addr,
-            entry.nat_port,
-            entry.flags,
-            Reason::ForwardEstablished,
-        ),
+    let (entry, reason) = match established {
+        Some(entry) => (entry, Reason::ForwardEstablished),
         None => {
-            let Some(chosen) = select::select_backend(&frontend, flow.saddr, now) else {
-                return no_backend(ctx, &flow, &frontend);
+            let Some(chosen) = select::select_backend(frontend, flow.saddr, now) else {
+                return Verdict::NoBackend {
+                    drop: frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
+                };
             };
-            // Balanced to itself: the pod must see another source, or it
-            // would drop the packet as its own (and answer itself directly).
-            let flags = if chosen.backend.addr == flow.saddr {
-                ct_flags::HAIRPIN
+            let (flags, snat) = if chosen.backend.addr == flow.saddr {
+                // Balanced to itself: the pod must see another source, or
+                // it would drop the packet as its own.
+                (ct_flags::HAIRPIN, Some(HAIRPIN_ADDR))
+            } else if external {
+                let node = snat_addr();
+                let remote = chosen.backend.flags & backend_flags::LOCAL == 0;
+                (ct_flags::EXTERNAL, (remote && node != 0).then_some(node))
             } else {
-                0
+                (0, None)
             };
-            if conntrack::create(&flow, frontend.id, &chosen, flags, now).is_err() {
-                return Reason::DropConntrackFull;
+            match conntrack::create(flow, frontend.id, &chosen, flags, snat, now) {
+                Ok(entry) => (entry, Reason::ForwardNew),
+                Err(reason) => return Verdict::Drop(reason),
             }
-            (
-                chosen.backend.addr,
-                chosen.backend.port,
-                flags,
-                Reason::ForwardNew,
-            )
         }
     };
-    let rewrite = Rewrite {
-        destination: Some((addr, port)),
-        source: (flags & ct_flags::HAIRPIN != 0).then_some((HAIRPIN_ADDR, flow.sport)),
-    };
-    match nat::rewrite_tc(ctx, &pkt, &flow, &rewrite) {
-        Ok(()) => reason,
-        Err(_) => Reason::DropMalformed,
-    }
+    let snat = entry.flags & ct_flags::SNAT != 0;
+    Verdict::Translate(Translation {
+        reason,
+        rewrite: Rewrite {
+            destination: NewEnd::to(entry.nat_addr, entry.nat_port),
+            source: NewEnd::to_if(snat, entry.peer_addr, entry.peer_port),
+        },
+        route: snat && entry.flags & ct_flags::EXTERNAL != 0,
+    })
 }
 
-/// A packet delivered to a pod: rev-NAT when it is a reply of a
-/// load-balanced flow (backend → frontend as the source).
+/// Rev-NAT of a reply: its source becomes the frontend again, and the
+/// destination the client when the flow was SNATed. Only entries with one
+/// of `wanted` flags are translated here (0: any).
 #[inline(always)]
-pub fn reverse(ctx: &TcContext) -> Reason {
-    let pkt = tc_packet(ctx);
-    let flow = match packet::parse(&pkt) {
-        Ok(flow) => flow,
-        Err(reason) => return reason,
-    };
-    rev_nat(ctx, &pkt, &flow)
-}
-
-/// Rev-NAT of a reply: its source becomes the frontend again (and a
-/// hairpin reply goes back to the pod itself).
-#[inline(always)]
-fn rev_nat(ctx: &TcContext, pkt: &Packet, flow: &Flow) -> Reason {
+fn reply(flow: &Flow, wanted: u8) -> Verdict {
     let now = conntrack::now_ns();
     let Some(entry) = conntrack::lookup(flow, direction::REPLY, now) else {
-        return pass_reason(flow);
+        return Verdict::Pass(pass_reason(flow));
     };
+    if wanted != 0 && entry.flags & wanted == 0 {
+        return Verdict::Pass(pass_reason(flow));
+    }
     if let Err(reason) = translatable(flow) {
-        return reason;
+        return Verdict::Drop(reason);
     }
-    let rewrite = Rewrite {
-        source: Some((entry.nat_addr, entry.nat_port)),
-        destination: (entry.flags & ct_flags::HAIRPIN != 0).then_some((flow.saddr, flow.dport)),
-    };
-    match nat::rewrite_tc(ctx, pkt, flow, &rewrite) {
-        Ok(()) => Reason::RevNat,
-        Err(_) => Reason::DropMalformed,
-    }
+    let snat = entry.flags & ct_flags::SNAT != 0;
+    Verdict::Translate(Translation {
+        reason: Reason::RevNat,
+        rewrite: Rewrite {
+            source: NewEnd::to(entry.nat_addr, entry.nat_port),
+            destination: NewEnd::to_if(snat, entry.peer_addr, entry.peer_port),
+        },
+        route: entry.flags & ct_flags::EXTERNAL != 0,
+    })
 }

@@ -10,25 +10,46 @@ mod maps;
 mod nat;
 mod packet;
 mod reject;
+mod route;
 mod select;
 mod stats;
+mod tc;
+mod xdp;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 /// TC ingress of a pod's host-side veth: traffic a pod sends. Load balances
-/// packets addressed to a frontend (DNAT to a backend).
+/// packets addressed to a frontend (DNAT to a backend); translates back the
+/// replies of hairpin and external flows.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let reason = lb::forward(&ctx);
-    stats::tc_verdict(&ctx, reason)
+    let (reason, action) = tc::run(&ctx, lb::from_pod);
+    stats::tc_verdict(&ctx, reason, action)
 }
 
 /// TC egress of a pod's host-side veth: traffic delivered to a pod. Translates
 /// replies of load-balanced flows back (backend → frontend).
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let reason = lb::reverse(&ctx);
-    stats::tc_verdict(&ctx, reason)
+    let (reason, action) = tc::run(&ctx, lb::to_pod);
+    stats::tc_verdict(&ctx, reason, action)
+}
+
+/// TC ingress of an external interface: NodePort, LoadBalancer and external
+/// IP frontends, and the replies of SNATed flows.
+#[classifier]
+pub fn nodeport_tc(ctx: TcContext) -> i32 {
+    let (reason, action) = tc::run(&ctx, lb::from_outside);
+    stats::tc_verdict(&ctx, reason, action)
+}
+
+/// XDP on an external interface: the fast path of `nodeport_tc`.
+#[xdp]
+pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx, lb::from_outside)
 }
 
 #[cfg(target_arch = "bpf")]

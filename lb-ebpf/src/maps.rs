@@ -6,11 +6,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, SlotKey, maps,
+    REASON_COUNT, SlotKey, SourceRangeKey, maps,
 };
 
 /// What clients address: (address, port, protocol, scope) → frontend.
@@ -35,6 +35,12 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(maps::CONN
 #[map(name = "XLB_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::pinned(maps::AFFINITY_MAX, 0);
+
+/// The client networks allowed per frontend (`loadBalancerSourceRanges`),
+/// for frontends with `frontend_flags::SOURCE_RANGES`.
+#[map(name = "XLB_SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(maps::SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 
 /// Packets and bytes per verdict/drop reason, per CPU.
 #[map(name = "XLB_COUNTERS")]

@@ -11,38 +11,95 @@ use crate::{
     packet::{Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet},
 };
 
-/// New addresses and ports for one packet; `None` leaves that end alone.
+/// New addresses and ports for one packet.
 #[derive(Clone, Copy)]
 pub struct Rewrite {
-    pub source: Option<(u32, u16)>,
-    pub destination: Option<(u32, u16)>,
+    pub source: NewEnd,
+    pub destination: NewEnd,
 }
 
-/// Applies `rewrite` to a TC packet.
-///
-/// The IPv4 header (addresses and their checksum) and the ports are written
-/// directly: the IPv4 checksum is always complete. The L4 checksum goes
-/// through `bpf_l4_csum_replace`, which knows `skb->ip_summed`: with
-/// CHECKSUM_PARTIAL (pod traffic with offload) only the pseudo-header part
-/// of the field may change, and with CHECKSUM_COMPLETE `skb->csum` must
-/// follow. Nothing is skipped when old and new values are equal, so every
-/// packet of a path costs the same.
+/// The new address and port (wire order) of one end of a packet, or that
+/// end left alone. Not an `Option`: a `None` leaves its payload undefined,
+/// and the verifier refuses to copy undefined stack bytes.
+#[derive(Clone, Copy)]
+pub struct NewEnd {
+    addr: u32,
+    port: u16,
+    set: bool,
+}
+
+impl NewEnd {
+    /// This end stays as it is.
+    pub const KEEP: NewEnd = NewEnd {
+        addr: 0,
+        port: 0,
+        set: false,
+    };
+
+    /// This end becomes `addr:port`.
+    #[inline(always)]
+    pub fn to(addr: u32, port: u16) -> Self {
+        NewEnd {
+            addr,
+            port,
+            set: true,
+        }
+    }
+
+    /// [`Self::to`] when `cond`, otherwise [`Self::KEEP`].
+    #[inline(always)]
+    pub fn to_if(cond: bool, addr: u32, port: u16) -> Self {
+        if cond {
+            Self::to(addr, port)
+        } else {
+            Self::KEEP
+        }
+    }
+
+    #[inline(always)]
+    fn get(self) -> Option<(u32, u16)> {
+        self.set.then_some((self.addr, self.port))
+    }
+}
+
+/// One end of a rewrite: (old address, old port, new address, new port,
+/// address offset, port index).
+type End = (u32, u16, u32, u16, usize, usize);
+
+impl Rewrite {
+    /// Source first, then destination; `None` for an end left alone.
+    #[inline(always)]
+    fn ends(&self, flow: &Flow) -> [Option<End>; 2] {
+        [
+            self.source
+                .get()
+                .map(|(addr, port)| (flow.saddr, flow.sport, addr, port, IP_SADDR_OFF, 0)),
+            self.destination
+                .get()
+                .map(|(addr, port)| (flow.daddr, flow.dport, addr, port, IP_DADDR_OFF, 1)),
+        ]
+    }
+
+    /// The flow's addressing after this rewrite.
+    #[inline(always)]
+    pub fn apply_to(&self, flow: &Flow) -> Flow {
+        let mut out = *flow;
+        if let Some((addr, port)) = self.source.get() {
+            out.saddr = addr;
+            out.sport = port;
+        }
+        if let Some((addr, port)) = self.destination.get() {
+            out.daddr = addr;
+            out.dport = port;
+        }
+        out
+    }
+}
+
+/// Writes the new addresses and ports, and the IPv4 checksum, which is
+/// always complete and is updated incrementally.
 #[inline(always)]
-pub fn rewrite_tc(
-    ctx: &TcContext,
-    pkt: &Packet,
-    flow: &Flow,
-    rewrite: &Rewrite,
-) -> Result<(), i64> {
-    // (old address, old port, new address, new port, address offset, port index)
-    let ends = [
-        rewrite
-            .source
-            .map(|(addr, port)| (flow.saddr, flow.sport, addr, port, IP_SADDR_OFF, 0)),
-        rewrite
-            .destination
-            .map(|(addr, port)| (flow.daddr, flow.dport, addr, port, IP_DADDR_OFF, 1)),
-    ];
+fn rewrite_headers(pkt: &Packet, flow: &Flow, ends: &[Option<End>; 2]) -> Result<(), i64> {
     let ip_csum_ptr = pkt.ptr_at::<u16>(IP_CSUM_OFF).ok_or(-1)?;
     for (old_addr, _, addr, port, addr_off, port_index) in ends.iter().flatten().copied() {
         let addr_ptr = pkt.ptr_at::<u32>(addr_off).ok_or(-1)?;
@@ -57,6 +114,25 @@ pub fn rewrite_tc(
             core::ptr::write_unaligned(port_ptr, port);
         }
     }
+    Ok(())
+}
+
+/// Applies `rewrite` to a TC packet.
+///
+/// The L4 checksum goes through `bpf_l4_csum_replace`, which knows
+/// `skb->ip_summed`: with CHECKSUM_PARTIAL (pod traffic with offload) only
+/// the pseudo-header part of the field may change, and with
+/// CHECKSUM_COMPLETE `skb->csum` must follow. Nothing is skipped when old and
+/// new values are equal, so every packet of a path costs the same.
+#[inline(always)]
+pub fn rewrite_tc(
+    ctx: &TcContext,
+    pkt: &Packet,
+    flow: &Flow,
+    rewrite: &Rewrite,
+) -> Result<(), i64> {
+    let ends = rewrite.ends(flow);
+    rewrite_headers(pkt, flow, &ends)?;
     // UDP: a zero checksum means "none" and must stay zero (and a computed
     // zero is written as 0xffff).
     let mangled = if flow.proto == PROTO_UDP {
@@ -75,5 +151,33 @@ pub fn rewrite_tc(
         )?;
         ctx.l4_csum_replace(csum_off, old_port as u64, port as u64, mangled | 2)?;
     }
+    Ok(())
+}
+
+/// Applies `rewrite` to an XDP frame. XDP sees frames as they came off the
+/// wire, with complete checksums, so the L4 checksum is updated
+/// incrementally like the IPv4 one (the addresses are part of its
+/// pseudo-header). A UDP datagram without a checksum keeps none.
+#[inline(always)]
+pub fn rewrite_xdp(pkt: &Packet, flow: &Flow, rewrite: &Rewrite) -> Result<(), i64> {
+    let ends = rewrite.ends(flow);
+    rewrite_headers(pkt, flow, &ends)?;
+    if flow.l4_csum.is_null() {
+        return Err(-1);
+    }
+    // SAFETY: bounds-checked by the parser (non-null only then).
+    let mut check = unsafe { core::ptr::read_unaligned(flow.l4_csum) };
+    if flow.proto == PROTO_UDP && check == 0 {
+        return Ok(());
+    }
+    for (old_addr, old_port, addr, port, _, _) in ends.iter().flatten().copied() {
+        check = csum::replace4(check, old_addr, addr);
+        check = csum::replace2(check, old_port, port);
+    }
+    if flow.proto == PROTO_UDP && check == 0 {
+        check = 0xffff;
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_unaligned(flow.l4_csum, check) };
     Ok(())
 }

@@ -23,6 +23,10 @@ const IP_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
+const TCP_CSUM_OFF: usize = 16;
+const UDP_CSUM_OFF: usize = 6;
+/// Offset of the IPv4 TTL (the protocol follows it in the same word).
+pub const IP_TTL_OFF: usize = IP_OFF + 8;
 
 /// TCP flag bits (byte 13 of the TCP header).
 pub mod tcp_flags {
@@ -86,6 +90,9 @@ pub struct Flow {
     /// range check across a recomputed variable offset (IP options), and
     /// LLVM drops a second check it can prove redundant.
     pub ports: *mut [u16; 2],
+    /// The L4 checksum, bounds-checked like `ports`; null unless
+    /// `is_complete`.
+    pub l4_csum: *mut u16,
     /// The first fragment of a fragmented datagram.
     pub is_fragment: bool,
     /// The whole L4 header is present (ports alone may be).
@@ -97,9 +104,9 @@ impl Flow {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == PROTO_TCP {
-            self.l4_off + 16
+            self.l4_off + TCP_CSUM_OFF
         } else {
-            self.l4_off + 6
+            self.l4_off + UDP_CSUM_OFF
         }
     }
 }
@@ -138,16 +145,26 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
     let ports = unsafe { core::ptr::read_unaligned(ports_ptr) };
     let mut is_complete = total_len >= ip_hlen + l4_hlen;
     let mut tcp_flags = 0;
+    let mut l4_csum = core::ptr::null_mut();
     if proto == PROTO_TCP {
-        match pkt.read::<[u8; TCP_HLEN]>(l4_off) {
-            Some(tcp) => {
+        match pkt.ptr_at::<[u8; TCP_HLEN]>(l4_off) {
+            Some(tcp_ptr) => {
+                // SAFETY: bounds-checked by `ptr_at`.
+                let tcp = unsafe { core::ptr::read_unaligned(tcp_ptr) };
                 tcp_flags = tcp[13];
                 is_complete &= (tcp[12] >> 4) >= 5;
+                l4_csum = (tcp_ptr as usize + TCP_CSUM_OFF) as *mut u16;
             }
             None => is_complete = false,
         }
     } else {
-        is_complete &= pkt.ptr_at::<[u8; UDP_HLEN]>(l4_off).is_some();
+        match pkt.ptr_at::<[u8; UDP_HLEN]>(l4_off) {
+            Some(udp_ptr) => l4_csum = (udp_ptr as usize + UDP_CSUM_OFF) as *mut u16,
+            None => is_complete = false,
+        }
+    }
+    if !is_complete {
+        l4_csum = core::ptr::null_mut();
     }
     Ok(Flow {
         saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
@@ -158,6 +175,7 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
         tcp_flags,
         l4_off,
         ports: ports_ptr,
+        l4_csum,
         is_fragment: frag & IP_MORE_FRAGMENTS != 0,
         is_complete,
     })

@@ -1,6 +1,6 @@
 //! Per-CPU counters by verdict/drop reason, and the verdict itself.
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use lb_common::Reason;
 
 use crate::maps::COUNTERS;
@@ -22,19 +22,14 @@ pub fn count(reason: Reason, bytes: u32) {
     }
 }
 
-/// Counts the packet and turns its reason into the TC verdict: a
-/// rejection (the packet now is the reply) goes back out of the interface
-/// it came in on.
+/// Counts the packet and returns its TC action: `action` when the hook
+/// chose one (a redirect), otherwise drop or continue by `reason`.
 #[inline(always)]
-pub fn tc_verdict(ctx: &TcContext, reason: Reason) -> i32 {
+pub fn tc_verdict(ctx: &TcContext, reason: Reason, action: Option<i32>) -> i32 {
     count(reason, ctx.len());
-    if reason == Reason::RejectNoBackend {
-        // SAFETY: reading our own context; bpf_redirect takes plain values.
-        return unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32;
-    }
-    if reason.is_drop() {
-        TC_ACT_SHOT
-    } else {
-        TC_ACT_OK
+    match action {
+        Some(action) => action,
+        None if reason.is_drop() => TC_ACT_SHOT,
+        None => TC_ACT_OK,
     }
 }

@@ -11,11 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::XdpMode;
 use tracing::{error, info, warn};
 
 use crate::{
     Datapath, Error,
-    attach::PodInterfaces,
+    attach::{self, PodInterfaces},
+    datapath::Settings,
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
     model::Node,
@@ -35,6 +37,10 @@ pub struct Config {
     /// the manifests fills in the zone and addresses the flags leave out.
     pub node: Node,
     pub pod_ifaces: glob::Pattern,
+    /// Where external clients' traffic arrives (NodePort, LoadBalancer).
+    pub external_ifaces: Vec<String>,
+    /// XDP mode on the external interfaces; `None`: TC only.
+    pub xdp: Option<XdpMode>,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -42,7 +48,21 @@ pub struct Config {
 
 /// Runs until the process is killed.
 pub fn run(config: Config) -> Result<(), Error> {
-    let mut datapath = Datapath::load(&config.bpffs)?;
+    // External flows to remote backends are SNATed to the node's first
+    // address, which their replies come back to.
+    let snat_addr = config.node.ips.iter().copied().find(|ip| !ip.is_loopback());
+    if snat_addr.is_none() {
+        warn!("no node address: external traffic reaches local endpoints only (give --node-ip)");
+    }
+    let settings = Settings {
+        snat_addr,
+        ..Settings::default()
+    };
+    let mut datapath = Datapath::load(&config.bpffs, &settings)?;
+    for interface in &config.external_ifaces {
+        attach::attach_external(&mut datapath, interface, config.xdp)?;
+        info!(%interface, xdp = ?config.xdp, "attached north-south programs");
+    }
     let maps = datapath.take_maps()?;
     let mut syncer = Syncer::new(maps)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()));

@@ -1,9 +1,10 @@
-//! Attaching the TC programs to pod interfaces, with links pinned under the
-//! bpffs dir: they outlive the agent (a restart or upgrade drops nothing),
-//! and a restarted agent swaps its freshly loaded programs into the pinned
-//! links atomically (`bpf_link_update`), so no packet is ever unhandled.
+//! Attaching the programs to pod and external interfaces, with links pinned
+//! under the bpffs dir: they outlive the agent (a restart or upgrade drops
+//! nothing), and a restarted agent swaps its freshly loaded programs into
+//! the pinned links atomically (`bpf_link_update`), so no packet is ever
+//! unhandled.
 //!
-//! TC attaches through TCX links (kernel ≥ 6.6).
+//! TC attaches through TCX links (kernel ≥ 6.6), XDP through XDP links.
 
 use std::{
     collections::BTreeSet,
@@ -12,14 +13,15 @@ use std::{
 };
 
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType,
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType, XdpMode,
     links::{FdLink, LinkError, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
+    xdp::XdpLink,
 };
 
 use crate::{
     Datapath, Error,
-    datapath::program::{FROM_POD, TO_POD},
+    datapath::program::{FROM_POD, NODEPORT_TC, NODEPORT_XDP, TO_POD},
     netif::interfaces,
 };
 
@@ -101,16 +103,57 @@ impl PodInterfaces {
             };
             let pin = self.links.join(pin_name(interface, direction));
             let program = datapath.tc_program(name)?;
-            attach_pinned(program, interface, attach_type, &pin).map_err(|source| {
-                Error::Attach {
-                    interface: interface.to_owned(),
-                    program: name,
-                    source,
-                }
-            })?;
+            attach_tc(program, interface, attach_type, &pin)
+                .map_err(|source| Error::attach(interface, name, source))?;
         }
         Ok(())
     }
+}
+
+/// Attaches the north-south programs to an external interface: `nodeport_tc`
+/// on TC ingress always, `nodeport_xdp` in `xdp` mode when given (and
+/// detaches a previous agent's XDP program when not).
+pub fn attach_external(
+    datapath: &mut Datapath,
+    interface: &str,
+    xdp: Option<XdpMode>,
+) -> Result<(), Error> {
+    let links = links_dir(datapath.bpffs());
+    fs::create_dir_all(&links).map_err(|source| Error::Bpffs {
+        path: links.clone(),
+        source,
+    })?;
+    let pin = links.join(pin_name(interface, "nodeport"));
+    let program = datapath.tc_program(NODEPORT_TC)?;
+    attach_tc(program, interface, TcAttachType::Ingress, &pin)
+        .map_err(|source| Error::attach(interface, NODEPORT_TC, source))?;
+    let pin = links.join(pin_name(interface, "xdp"));
+    let Some(mode) = xdp else {
+        return match fs::remove_file(&pin) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(Error::attach(
+                interface,
+                NODEPORT_XDP,
+                AttachError::Pin(err),
+            )),
+            _ => Ok(()),
+        };
+    };
+    attach_pinned(
+        datapath.xdp_program()?,
+        &pin,
+        |program, link: XdpLink| {
+            let id = program.attach_to_link(link)?;
+            program.take_link(id).map(drop)
+        },
+        |program| {
+            let id = program
+                .attach(interface, mode)
+                .map_err(AttachError::Program)?;
+            let link = program.take_link(id).map_err(AttachError::Program)?;
+            FdLink::try_from(link).map_err(AttachError::Link)
+        },
+    )
+    .map_err(|source| Error::attach(interface, NODEPORT_XDP, source))
 }
 
 /// The pod programs and the TC direction each runs in.
@@ -122,37 +165,54 @@ fn pin_name(interface: &str, direction: &str) -> String {
     format!("{direction}_{}", interface.replace('.', "_"))
 }
 
-/// Attaches `program` through the link pinned at `pin`: the link's program
-/// is replaced in place when the pin exists and still works, otherwise a
-/// new TCX link is created and pinned.
-fn attach_pinned(
+/// Attaches a TC program in TCX mode through the link pinned at `pin`.
+fn attach_tc(
     program: &mut SchedClassifier,
     interface: &str,
     attach_type: TcAttachType,
     pin: &Path,
 ) -> Result<(), AttachError> {
+    attach_pinned(
+        program,
+        pin,
+        |program, link: SchedClassifierLink| {
+            let id = program.attach_to_link(link)?;
+            program.take_link(id).map(drop)
+        },
+        |program| {
+            let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+            let id = program
+                .attach_with_options(interface, attach_type, options)
+                .map_err(AttachError::Program)?;
+            let link = program.take_link(id).map_err(AttachError::Program)?;
+            FdLink::try_from(link).map_err(AttachError::Link)
+        },
+    )
+}
+
+/// Attaches `program` through the link pinned at `pin`: `replace` swaps it
+/// into that link when the pin exists and still works, otherwise `create`
+/// makes a new link, which is pinned. Either way the program lets go of
+/// the link at once (`take_link`): the pin keeps it alive, and dropping the
+/// program never detaches.
+fn attach_pinned<P, L: TryFrom<FdLink, Error = LinkError>>(
+    program: &mut P,
+    pin: &Path,
+    replace: impl FnOnce(&mut P, L) -> Result<(), ProgramError>,
+    create: impl FnOnce(&mut P) -> Result<FdLink, AttachError>,
+) -> Result<(), AttachError> {
     if let Ok(old) = PinnedLink::from_pin(pin) {
-        let replaced = SchedClassifierLink::try_from(FdLink::from(old))
+        let replaced = L::try_from(FdLink::from(old))
             .map_err(AttachError::Link)
-            .and_then(|link| program.attach_to_link(link).map_err(AttachError::Program));
+            .and_then(|link| replace(program, link).map_err(AttachError::Program));
         match replaced {
-            Ok(id) => {
-                // Out of the program's link table, so dropping the program
-                // never detaches it; the pin keeps the link alive.
-                let _link = program.take_link(id).map_err(AttachError::Program)?;
-                return Ok(());
-            }
+            Ok(()) => return Ok(()),
             // The interface behind the pin is gone (a new one took its
             // name): start over.
             Err(_) => fs::remove_file(pin).map_err(AttachError::Pin)?,
         }
     }
-    let options = TcAttachOptions::TcxOrder(LinkOrder::default());
-    let id = program
-        .attach_with_options(interface, attach_type, options)
-        .map_err(AttachError::Program)?;
-    let link = program.take_link(id).map_err(AttachError::Program)?;
-    let link = FdLink::try_from(link).map_err(AttachError::Link)?;
+    let link = create(program)?;
     link.pin(pin)
         .map_err(|e| AttachError::Pin(io::Error::other(e)))?;
     Ok(())
@@ -162,7 +222,7 @@ fn attach_pinned(
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(transparent)]
-    Program(aya::programs::ProgramError),
+    Program(ProgramError),
     #[error(transparent)]
     Link(LinkError),
     #[error("pinning the link: {0}")]

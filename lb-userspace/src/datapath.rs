@@ -1,8 +1,15 @@
 //! Loading the kernel programs with their maps pinned under a bpffs dir.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
+use lb_common::{ipv4_raw, maps};
 
 use crate::{Error, Maps, bpffs, object};
 
@@ -12,8 +19,23 @@ pub mod program {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress of each pod's host-side veth.
     pub const TO_POD: &str = "to_pod";
+    /// TC ingress of each external interface.
+    pub const NODEPORT_TC: &str = "nodeport_tc";
+    /// XDP on each external interface.
+    pub const NODEPORT_XDP: &str = "nodeport_xdp";
     /// Every TC program.
-    pub const TC: [&str; 2] = [FROM_POD, TO_POD];
+    pub const TC: [&str; 3] = [FROM_POD, TO_POD, NODEPORT_TC];
+}
+
+/// What a load is configured with.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The node address external flows to remote backends are SNATed to;
+    /// `None` turns that SNAT off (and with it Cluster-policy external
+    /// traffic to other nodes).
+    pub snat_addr: Option<Ipv4Addr>,
+    /// Maps whose capacity differs from `lb_common::maps` (tests fill them).
+    pub capacities: Vec<(&'static str, u32)>,
 }
 
 /// The loaded object: programs verified and loaded, maps pinned.
@@ -26,20 +48,16 @@ impl Datapath {
     /// Loads the embedded object. Maps already pinned under `bpffs` are
     /// reused (a restarted agent keeps every flow); missing ones are created
     /// and pinned there.
-    pub fn load(bpffs: &Path) -> Result<Self, Error> {
-        Self::load_with_capacities(bpffs, &[])
-    }
-
-    /// [`Self::load`] with some maps' capacities overridden (by name), for
-    /// tests that fill a map.
-    pub fn load_with_capacities(
-        bpffs: &Path,
-        capacities: &[(&'static str, u32)],
-    ) -> Result<Self, Error> {
+    pub fn load(bpffs: &Path, settings: &Settings) -> Result<Self, Error> {
         bpffs::ensure_dir(bpffs)?;
+        let snat_addr = settings.snat_addr.map_or(0, |ip| ipv4_raw(ip.octets()));
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(bpffs);
-        for (name, max_entries) in capacities {
+        loader.default_map_pin_directory(bpffs).override_global(
+            maps::GLOBAL_SNAT_ADDR,
+            &snat_addr,
+            true,
+        );
+        for (name, max_entries) in &settings.capacities {
             loader.map_max_entries(name, *max_entries);
         }
         let mut ebpf = loader.load(object::bytes()?)?;
@@ -49,6 +67,10 @@ impl Datapath {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        let name = program::NODEPORT_XDP;
+        let xdp = xdp_program(&mut ebpf)?;
+        xdp.load()
+            .map_err(|source| Error::Program { name, source })?;
         Ok(Self {
             ebpf,
             bpffs: bpffs.to_owned(),
@@ -65,6 +87,11 @@ impl Datapath {
         tc_program(&mut self.ebpf, name)
     }
 
+    /// The loaded XDP program.
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp, Error> {
+        xdp_program(&mut self.ebpf)
+    }
+
     /// Takes typed handles on the maps (once).
     pub fn take_maps(&mut self) -> Result<Maps, Error> {
         Maps::from_ebpf(&mut self.ebpf)
@@ -75,6 +102,14 @@ fn tc_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, Error> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
+    let name = program::NODEPORT_XDP;
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     program
         .try_into()

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use lb_common::AffinityKey;
+use aya::maps::lpm_trie::Key;
+use lb_common::{AffinityKey, SourceRangeKey};
 
 use crate::{
     Error, Maps,
@@ -51,6 +52,11 @@ impl Dataplane for Maps {
             let (key, value) = entry.map_err(Error::map(lb_common::maps::BACKENDS))?;
             state.backends.insert(key, value);
         }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(Error::map(lb_common::maps::SOURCE_RANGES))?;
+            let len = key.prefix_len().saturating_sub(32) as u8;
+            state.source_ranges.insert((key.data(), len));
+        }
         // Entries may vanish (LRU) while we walk: skip what fails.
         for (_, value) in self.conntrack.iter().flatten() {
             state.max_backend_id_in_use = state.max_backend_id_in_use.max(value.backend_id);
@@ -59,13 +65,21 @@ impl Dataplane for Maps {
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {
-        use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS};
+        use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS, SOURCE_RANGES};
         match *op {
             Op::PutBackend(id, value) => self
                 .backends
                 .insert(id, value, 0)
                 .map_err(Error::map(BACKENDS)),
             Op::PutSlot(key, id) => self.slots.insert(key, id, 0).map_err(Error::map(SLOTS)),
+            Op::PutSourceRange(range) => self
+                .source_ranges
+                .insert(&lpm_key(range), 1, 0)
+                .map_err(Error::map(SOURCE_RANGES)),
+            Op::DeleteSourceRange(range) => {
+                ignore_missing(self.source_ranges.remove(&lpm_key(range)))
+                    .map_err(Error::map(SOURCE_RANGES))
+            }
             Op::PutFrontend(key, value) => self
                 .frontends
                 .insert(key, value, 0)
@@ -95,6 +109,11 @@ impl Dataplane for Maps {
         }
         Ok(())
     }
+}
+
+/// The trie key of a source range: the frontend id is matched whole.
+fn lpm_key((key, len): crate::state::SourceRange) -> Key<SourceRangeKey> {
+    Key::new(32 + u32::from(len), key)
 }
 
 /// Deleting what is already gone is success.

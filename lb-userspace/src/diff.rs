@@ -1,6 +1,7 @@
 //! The diff: desired frontends vs. what the maps hold → the fewest ordered
 //! writes that turn one into the other, make-before-break: backends, then
-//! slots, then the frontends that expose them; deletions last. A packet
+//! slots and source ranges, then the frontends that expose them; deletions
+//! last. A packet
 //! never sees a slot without its backend or a count beyond its slots.
 //!
 //! Slots keep their positions: when one backend goes, the last slot moves
@@ -9,14 +10,17 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use std::net::Ipv4Addr;
+
 use lb_common::{
-    Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, frontend_flags, ipv4_raw, port_raw, scope,
+    Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, SourceRangeKey, backend_flags,
+    frontend_flags, ipv4_raw, port_raw, scope,
 };
 
 use crate::{
     model::{Desired, Endpoint, FrontendAddr, Protocol, Scope},
     problem::{Invalid, Problem},
-    state::{Op, State},
+    state::{Op, SourceRange, State},
 };
 
 /// The map key of a frontend address.
@@ -32,13 +36,24 @@ pub fn frontend_key(addr: &FrontendAddr) -> FrontendKey {
     }
 }
 
-fn backend_value(endpoint: &Endpoint, protocol: Protocol) -> Backend {
+fn backend_value(endpoint: &Endpoint, protocol: Protocol, local: bool) -> Backend {
     Backend {
         addr: ipv4_raw(endpoint.ip.octets()),
         port: port_raw(endpoint.port),
         proto: protocol.number(),
-        pad: 0,
+        flags: if local { backend_flags::LOCAL } else { 0 },
     }
+}
+
+/// The map entry of an allowed client network of frontend `frontend_id`.
+fn source_range(frontend_id: u32, (ip, len): (Ipv4Addr, u8)) -> SourceRange {
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    let network = Ipv4Addr::from(u32::from(ip) & mask);
+    let key = SourceRangeKey {
+        frontend_id,
+        addr: ipv4_raw(network.octets()),
+    };
+    (key, len)
 }
 
 /// The writes that turn `current` into `desired`, and the frontends that
@@ -50,6 +65,8 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
     let mut puts_slot = Vec::new();
     let mut puts_frontend = Vec::new();
     let mut deletes_slot = Vec::new();
+    let mut puts_range = Vec::new();
+    let mut wanted_ranges = BTreeSet::new();
     let mut used_backends = BTreeSet::new();
     let mut wanted_frontends = BTreeSet::new();
     let mut slot_counts = HashMap::new();
@@ -77,7 +94,8 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
             .map(|tier| {
                 tier.iter()
                     .map(|endpoint| {
-                        let value = backend_value(endpoint, addr.protocol);
+                        let local = desired.local_endpoints.contains(&endpoint.ip);
+                        let value = backend_value(endpoint, addr.protocol, local);
                         let (id, is_new) = ids.backend(value);
                         if is_new {
                             puts_backend.push(Op::PutBackend(id, value));
@@ -101,11 +119,19 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
                 puts_slot.push(Op::PutSlot(key, *backend_id));
             }
         }
-        let flags = if frontend.drop_when_empty {
-            frontend_flags::DROP_WHEN_EMPTY
-        } else {
-            0
-        };
+        let mut flags = 0;
+        if frontend.drop_when_empty {
+            flags |= frontend_flags::DROP_WHEN_EMPTY;
+        }
+        if !frontend.source_ranges.is_empty() {
+            flags |= frontend_flags::SOURCE_RANGES;
+        }
+        for range in &frontend.source_ranges {
+            let range = source_range(id, *range);
+            if wanted_ranges.insert(range) && !current.source_ranges.contains(&range) {
+                puts_range.push(Op::PutSourceRange(range));
+            }
+        }
         let value = Frontend {
             id,
             tier_len,
@@ -132,6 +158,11 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
             deletes_slot.push(Op::DeleteSlot(*key));
         }
     }
+    let deletes_range = current
+        .source_ranges
+        .iter()
+        .filter(|range| !wanted_ranges.contains(*range))
+        .map(|range| Op::DeleteSourceRange(*range));
     let deletes_backend = current
         .backends
         .keys()
@@ -140,8 +171,10 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
 
     let mut ops = puts_backend;
     ops.extend(puts_slot);
+    ops.extend(puts_range);
     ops.extend(puts_frontend);
     ops.extend(deletes_frontend);
+    ops.extend(deletes_range);
     ops.extend(deletes_slot);
     ops.extend(deletes_backend);
     (ops, problems)
@@ -353,7 +386,7 @@ mod tests {
         let mut desired = cluster(2, 3);
         let mut state = synced(&desired);
         let ids_before: BTreeMap<_, _> = state.backends.iter().map(|(id, b)| (*b, *id)).collect();
-        let removed = ids_before[&backend_value(&endpoint(0), Protocol::Tcp)];
+        let removed = ids_before[&backend_value(&endpoint(0), Protocol::Tcp, false)];
         desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].remove(&endpoint(0));
         let (ops, _) = diff(&desired, &state);
         ops.iter().for_each(|op| state.apply(op));

@@ -46,6 +46,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// An attach failure of `program` on `interface`.
+    pub fn attach(
+        interface: &str,
+        program: &'static str,
+        source: crate::attach::AttachError,
+    ) -> Error {
+        Error::Attach {
+            interface: interface.to_owned(),
+            program,
+            source,
+        }
+    }
+
     /// Wraps a map error of map `name` (for `map_err`).
     pub fn map(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
         move |source| Error::Map { name, source }

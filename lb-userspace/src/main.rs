@@ -190,8 +190,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     };
     let pod_ifaces = glob::Pattern::new(&args.pod_ifaces)
         .with_context(|| format!("--pod-ifaces {:?}", args.pod_ifaces))?;
-    // North-south (NodePort/LoadBalancer, XDP) uses these; validated now.
-    let _ = (args.external_ifaces, args.xdp);
+    let xdp = match args.xdp {
+        XdpMode::Native => Some(aya::programs::XdpMode::Driver),
+        XdpMode::Generic => Some(aya::programs::XdpMode::Skb),
+        XdpMode::Off => None,
+    };
     let config = agent::Config {
         manifests,
         node: Node {
@@ -200,6 +203,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             ips,
         },
         pod_ifaces,
+        external_ifaces: args.external_ifaces,
+        xdp,
         bpffs: args.bpffs,
         metrics_addr: args.metrics_addr,
         healthz_addr: args.healthz_addr,

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, Reason, SlotKey, maps,
+    REASON_COUNT, Reason, SlotKey, SourceRangeKey, maps,
 };
 
 use crate::Error;
@@ -18,6 +18,7 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub counters: PerCpuArray<MapData, Counter>,
 }
 
@@ -49,6 +50,7 @@ impl Maps {
             backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,
             conntrack: typed(maps::CONNTRACK, open(maps::CONNTRACK)?)?,
             affinity: typed(maps::AFFINITY, open(maps::AFFINITY)?)?,
+            source_ranges: typed(maps::SOURCE_RANGES, open(maps::SOURCE_RANGES)?)?,
             counters: typed(maps::COUNTERS, open(maps::COUNTERS)?)?,
         })
     }

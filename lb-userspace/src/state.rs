@@ -1,9 +1,13 @@
 //! What the datapath's service maps hold, as plain data, and the writes
 //! that change it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Backend, Frontend, FrontendKey, SlotKey};
+use lb_common::{Backend, Frontend, FrontendKey, SlotKey, SourceRangeKey};
+
+/// One allowed client network of one frontend: the key (network address
+/// masked to its length) and the network's prefix length.
+pub type SourceRange = (SourceRangeKey, u8);
 
 /// The contents of the frontends, slots and backends maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -11,6 +15,7 @@ pub struct State {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
+    pub source_ranges: BTreeSet<SourceRange>,
     /// The highest backend id a conntrack entry still names: ids up to it
     /// are never handed out again (a flow must not follow a reused id to
     /// another pod).
@@ -22,8 +27,10 @@ pub struct State {
 pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
+    PutSourceRange(SourceRange),
     PutFrontend(FrontendKey, Frontend),
     DeleteFrontend(FrontendKey),
+    DeleteSourceRange(SourceRange),
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
 }
@@ -38,6 +45,12 @@ impl State {
             }
             Op::PutSlot(key, id) => {
                 self.slots.insert(key, id);
+            }
+            Op::PutSourceRange(range) => {
+                self.source_ranges.insert(range);
+            }
+            Op::DeleteSourceRange(range) => {
+                self.source_ranges.remove(&range);
             }
             Op::PutFrontend(key, frontend) => {
                 self.frontends.insert(key, frontend);

@@ -203,16 +203,18 @@ mod transitions {
         let two_ports =
             "[{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30081}]";
         let lb = "  type: LoadBalancer\nstatus: {loadBalancer: {ingress: [{ip: 172.18.0.1}]}}";
+        // Frontends per port: the ClusterIP, and each external address
+        // twice (for external clients and for pods).
         let steps = [
             ("ClusterIP", service("  type: ClusterIP", one_port), 1),
-            ("NodePort", service("  type: NodePort", one_port), 2),
+            ("NodePort", service("  type: NodePort", one_port), 3),
             (
                 "NodePort, port added",
                 service("  type: NodePort", two_ports),
-                4,
+                6,
             ),
-            ("LoadBalancer", service(lb, two_ports), 6),
-            ("LoadBalancer, port removed", service(lb, one_port), 3),
+            ("LoadBalancer", service(lb, two_ports), 10),
+            ("LoadBalancer, port removed", service(lb, one_port), 5),
             (
                 "ExternalName",
                 service(

@@ -1,11 +1,17 @@
 //! A datapath loaded for one test: its own pinned maps, filled by hand, and
 //! programs run on crafted packets with BPF_PROG_TEST_RUN.
 
-use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{
-    Backend, Frontend, FrontendKey, MAX_TIERS, Reason, SlotKey, ipv4_raw, port_raw, scope,
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{TestRun, TestRunOptions, TestRunResult},
 };
-use lb_userspace::{Datapath, Maps};
+use lb_common::{
+    Backend, Frontend, FrontendKey, MAX_TIERS, Reason, SlotKey, SourceRangeKey, ipv4_raw, port_raw,
+    scope,
+};
+use lb_userspace::{Datapath, Maps, datapath::Settings};
 
 use crate::{packet::addr, pins::PinDir};
 
@@ -13,6 +19,14 @@ use crate::{packet::addr, pins::PinDir};
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// XDP actions.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// The node address every test datapath SNATs external flows to.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 11);
 
 /// What a program did with a packet.
 #[derive(Debug)]
@@ -40,8 +54,11 @@ impl TestLb {
     /// [`Self::load`] with some maps' capacities overridden by name.
     pub fn load_with_capacities(capacities: &[(&'static str, u32)]) -> Self {
         let pins = PinDir::new();
-        let mut datapath =
-            Datapath::load_with_capacities(pins.path(), capacities).expect("load the datapath");
+        let settings = Settings {
+            snat_addr: Some(NODE_IP),
+            capacities: capacities.to_vec(),
+        };
+        let mut datapath = Datapath::load(pins.path(), &settings).expect("load the datapath");
         let maps = datapath.take_maps().expect("open the maps");
         Self {
             datapath,
@@ -54,6 +71,11 @@ impl TestLb {
 
     /// Adds a backend and returns its id.
     pub fn add_backend(&mut self, backend: &str, proto: u8) -> u32 {
+        self.add_backend_flagged(backend, proto, 0)
+    }
+
+    /// Adds a backend with `lb_common::backend_flags`; returns its id.
+    pub fn add_backend_flagged(&mut self, backend: &str, proto: u8, flags: u8) -> u32 {
         let id = self.next_backend_id;
         self.next_backend_id += 1;
         let a = addr(backend);
@@ -61,7 +83,7 @@ impl TestLb {
             addr: ipv4_raw(a.ip().octets()),
             port: port_raw(a.port()),
             proto,
-            pad: 0,
+            flags,
         };
         self.maps
             .backends
@@ -110,6 +132,57 @@ impl TestLb {
         flags: u16,
         affinity_timeout_s: u32,
     ) -> u32 {
+        let spec = FrontendSpec {
+            tiers,
+            flags,
+            affinity_timeout_s,
+            scope: scope::INTERNAL,
+        };
+        self.add_frontend_spec(frontend, proto, &spec)
+    }
+
+    /// An external frontend (NodePort, LoadBalancer, external IP) with
+    /// `backends` in tier 0; returns its id.
+    pub fn add_external_frontend(
+        &mut self,
+        frontend: &str,
+        proto: u8,
+        backends: &[u32],
+        flags: u16,
+    ) -> u32 {
+        let spec = FrontendSpec {
+            tiers: &[backends],
+            flags,
+            affinity_timeout_s: 0,
+            scope: scope::EXTERNAL,
+        };
+        self.add_frontend_spec(frontend, proto, &spec)
+    }
+
+    /// Allows `network` (`a.b.c.d/len`) to use frontend `frontend_id` (which
+    /// needs `frontend_flags::SOURCE_RANGES`).
+    pub fn add_source_range(&mut self, frontend_id: u32, network: &str) {
+        let (ip, len) = network.split_once('/').expect("a.b.c.d/len");
+        let ip: Ipv4Addr = ip.parse().expect("network address");
+        let len: u32 = len.parse().expect("prefix length");
+        let key = SourceRangeKey {
+            frontend_id,
+            addr: ipv4_raw(ip.octets()),
+        };
+        self.maps
+            .source_ranges
+            .insert(&Key::new(32 + len, key), 1, 0)
+            .expect("insert source range");
+    }
+
+    /// A frontend as `spec` says; returns its id.
+    pub fn add_frontend_spec(&mut self, frontend: &str, proto: u8, spec: &FrontendSpec) -> u32 {
+        let FrontendSpec {
+            tiers,
+            flags,
+            affinity_timeout_s,
+            scope,
+        } = *spec;
         assert!(tiers.len() <= MAX_TIERS);
         let id = self.next_frontend_id;
         self.next_frontend_id += 1;
@@ -134,7 +207,7 @@ impl TestLb {
             addr: ipv4_raw(a.ip().octets()),
             port: port_raw(a.port()),
             proto,
-            scope: scope::INTERNAL,
+            scope,
         };
         let value = Frontend {
             id,
@@ -154,6 +227,36 @@ impl TestLb {
         self.run_repeated(program, frame, 1).0
     }
 
+    /// Runs TC `program` once on `frame` as if it arrived on interface
+    /// `ifindex` (of the calling thread's network namespace).
+    pub fn run_on(&mut self, program: &'static str, frame: &[u8], ifindex: u32) -> Outcome {
+        // struct __sk_buff up to `ifindex` (offset 40); the rest is zero.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let program = self.datapath.tc_program(program).expect("program");
+        test_run(program, frame, Some(&ctx), 1).0
+    }
+
+    /// Runs `nodeport_xdp` once on `frame` arriving on `ifindex`.
+    pub fn run_xdp(&mut self, frame: &[u8], ifindex: u32) -> Outcome {
+        self.run_xdp_repeated(frame, ifindex, 1).0
+    }
+
+    /// Runs `nodeport_xdp` `repeat` times on `frame` arriving on `ifindex`.
+    pub fn run_xdp_repeated(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> (Outcome, std::time::Duration) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let program = self.datapath.xdp_program().expect("program");
+        test_run(program, frame, Some(&ctx), repeat)
+    }
+
     /// Runs `program` `repeat` times on `frame` (the kernel reuses the
     /// packet, so later runs see the first run's rewrites); returns the
     /// outcome and the kernel's mean time per run.
@@ -164,20 +267,7 @@ impl TestLb {
         repeat: u32,
     ) -> (Outcome, std::time::Duration) {
         let program = self.datapath.tc_program(program).expect("program");
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        let outcome = Outcome {
-            verdict: result.return_value,
-            frame: out,
-        };
-        (outcome, result.duration)
+        test_run(program, frame, None, repeat)
     }
 
     /// The packet counters that are not zero, by reason, summed over CPUs.
@@ -189,6 +279,43 @@ impl TestLb {
             .map(|reason| (reason, totals[reason as usize].packets))
             .collect()
     }
+}
+
+/// What a test frontend holds besides its address.
+#[derive(Clone, Copy)]
+pub struct FrontendSpec<'a> {
+    /// Backend ids, tier by tier.
+    pub tiers: &'a [&'a [u32]],
+    /// `lb_common::frontend_flags`.
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+    /// `lb_common::scope`.
+    pub scope: u8,
+}
+
+/// BPF_PROG_TEST_RUN of `program` on `frame` (with context `ctx`),
+/// `repeat` times: the outcome and the kernel's mean time per run.
+fn test_run(
+    program: &mut impl for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+    frame: &[u8],
+    ctx: Option<&[u8]>,
+    repeat: u32,
+) -> (Outcome, std::time::Duration) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ctx,
+        repeat,
+        ..TestRunOptions::default()
+    };
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    let outcome = Outcome {
+        verdict: result.return_value,
+        frame: out,
+    };
+    (outcome, result.duration)
 }
 
 impl TestLb {

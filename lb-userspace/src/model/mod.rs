@@ -157,6 +157,9 @@ pub struct Desired {
     pub frontends: BTreeMap<FrontendAddr, DesiredFrontend>,
     /// healthCheckNodePorts by port.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// Addresses of the endpoints that run on this node: external traffic
+    /// reaches them without SNAT.
+    pub local_endpoints: BTreeSet<Ipv4Addr>,
 }
 
 /// Applies every rule to `snapshot` for `node`. Objects that break a rule
@@ -195,8 +198,17 @@ fn add_service(
             "" => format!("{}/{}", service.namespace, service.name),
             name => format!("{}/{}:{name}", service.namespace, service.name),
         };
+        desired.local_endpoints.extend(
+            endpoints
+                .iter()
+                .filter(|(_, info)| info.node_name.as_deref() == Some(node.name.as_str()))
+                .map(|(endpoint, _)| endpoint.ip),
+        );
         let internal = policy::tiers(&endpoints, service.internal_local, service.topology, node);
         let external = policy::tiers(&endpoints, service.external_local, service.topology, node);
+        // Pods reaching an external address are served cluster-wide,
+        // whatever the external policy (kube-proxy short-circuits them).
+        let cluster = policy::tiers(&endpoints, false, service.topology, node);
         if service.external_local {
             local_endpoints.extend(external.tiers.iter().flatten().copied());
         }
@@ -225,23 +237,24 @@ fn add_service(
         for ip in &service.cluster_ips {
             add(*ip, port.port, Scope::Internal, &internal, &[]);
         }
+        // Every external address twice: for clients outside (external
+        // policy) and for pods (cluster-wide).
+        let mut add_external =
+            |ip: Ipv4Addr, port_number: u16, source_ranges: &[(Ipv4Addr, u8)]| {
+                add(ip, port_number, Scope::External, &external, source_ranges);
+                add(ip, port_number, Scope::Internal, &cluster, source_ranges);
+            };
         // NodePorts on every node address (never loopback: CVE-2020-8558).
         if let Some(node_port) = port.node_port {
             for ip in node.ips.iter().filter(|ip| !ip.is_loopback()) {
-                add(*ip, node_port, Scope::External, &external, &[]);
+                add_external(*ip, node_port, &[]);
             }
         }
         for ip in &service.load_balancer_ips {
-            add(
-                *ip,
-                port.port,
-                Scope::External,
-                &external,
-                &service.source_ranges,
-            );
+            add_external(*ip, port.port, &service.source_ranges);
         }
         for ip in &service.external_ips {
-            add(*ip, port.port, Scope::External, &external, &[]);
+            add_external(*ip, port.port, &[]);
         }
     }
     if let Some(port) = service.health_check_node_port {
@@ -285,6 +298,14 @@ impl Desired {
                 out.push_str(&format!(" source-ranges={}", ranges.join(",")));
             }
             out.push('\n');
+        }
+        if !self.local_endpoints.is_empty() {
+            let ips: Vec<String> = self
+                .local_endpoints
+                .iter()
+                .map(Ipv4Addr::to_string)
+                .collect();
+            out.push_str(&format!("local-endpoints {}\n", ips.join(" ")));
         }
         for (port, check) in &self.health_checks {
             out.push_str(&format!(

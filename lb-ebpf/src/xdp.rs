@@ -1,0 +1,79 @@
+//! Applying the pipeline's verdict to an XDP frame: the fast path of
+//! external traffic. What it finishes here (drops, translations sent back
+//! out with `XDP_TX`, translations to local pods) is counted here; what it
+//! cannot finish (a reject, an unresolved next hop, another egress
+//! interface, anything not ours) passes untouched, and `nodeport_tc` does it
+//! with the same maps.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::Reason;
+
+use crate::{
+    lb::{Translation, Verdict},
+    nat,
+    packet::{self, Flow, Packet},
+    route::{self, NextHop},
+    stats,
+};
+
+/// Runs `pipeline` on the frame and returns the XDP action.
+#[inline(always)]
+pub fn run(ctx: &XdpContext, pipeline: fn(&Flow) -> Verdict) -> u32 {
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let len = (ctx.data_end() - ctx.data()) as u32;
+    let Ok(flow) = packet::parse(&pkt) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (reason, action) = match pipeline(&flow) {
+        Verdict::Pass(_) | Verdict::NoBackend { drop: false } => return xdp_action::XDP_PASS,
+        Verdict::Drop(reason) => (reason, xdp_action::XDP_DROP),
+        Verdict::NoBackend { drop: true } => (Reason::DropNoLocalBackend, xdp_action::XDP_DROP),
+        Verdict::Translate(translation) => match translate(ctx, &pkt, &flow, &translation) {
+            Some(done) => done,
+            None => return xdp_action::XDP_PASS,
+        },
+    };
+    stats::count(reason, len);
+    action
+}
+
+/// Applies a translation; `None` leaves the frame untouched for TC.
+#[inline(always)]
+fn translate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &Flow,
+    translation: &Translation,
+) -> Option<(Reason, u32)> {
+    if !translation.route {
+        // To a local pod: the stack routes it.
+        return Some(match nat::rewrite_xdp(pkt, flow, &translation.rewrite) {
+            Ok(()) => (translation.reason, xdp_action::XDP_PASS),
+            Err(_) => (Reason::DropMalformed, xdp_action::XDP_DROP),
+        });
+    }
+    // Decide before touching the frame: what cannot go back out of this
+    // interface right now is TC's.
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let after = translation.rewrite.apply_to(flow);
+    let Some(NextHop::Resolved {
+        ifindex: out,
+        smac,
+        dmac,
+    }) = route::lookup(ctx.ctx as *mut _, ifindex, &after)
+    else {
+        return None;
+    };
+    if out != ifindex {
+        return None;
+    }
+    // A TTL that runs out is TC's too (it counts the drop).
+    route::decrement_ttl(pkt).ok()?;
+    let done = nat::rewrite_xdp(pkt, flow, &translation.rewrite)
+        .ok()
+        .and_then(|()| route::set_macs(pkt, &smac, &dmac).ok());
+    Some(match done {
+        Some(()) => (translation.reason, xdp_action::XDP_TX),
+        None => (Reason::DropMalformed, xdp_action::XDP_DROP),
+    })
+}
