@@ -3,7 +3,9 @@
 
 use std::{fmt::Write, net::Ipv4Addr, path::Path};
 
-use lb_common::{CtEntry, CtKey, Reason, ct_state, direction, ipv4_octets, port_host, scope};
+use lb_common::{
+    CtEntry, CtKey, Reason, ct_flags, ct_state, direction, ipv4_octets, port_host, scope,
+};
 use serde_json::{Value, json};
 
 use crate::{Error, Maps, clock::monotonic_coarse_ns, dataplane::Dataplane, model::Protocol};
@@ -135,6 +137,7 @@ pub fn conntrack(bpffs: &Path, format: Format) -> Result<String, Error> {
         "SOURCE".into(),
         "DESTINATION".into(),
         "NAT".into(),
+        "SNAT".into(),
         "STATE".into(),
         "BACKEND".into(),
         "EXPIRES".into(),
@@ -154,12 +157,17 @@ pub fn conntrack(bpffs: &Path, format: Format) -> Result<String, Error> {
         };
         let left_s =
             (entry.last_seen_ns + entry.lifetime_ns(key.proto)).saturating_sub(now) / 1_000_000_000;
+        // The client end's translation: the new source of a forward entry,
+        // the new destination of a reply entry.
+        let snat =
+            (entry.flags & ct_flags::SNAT != 0).then(|| addr(entry.peer_addr, entry.peer_port));
         rows.push(vec![
             dir.into(),
             proto(key.proto),
             addr(key.saddr, key.sport),
             addr(key.daddr, key.dport),
             addr(entry.nat_addr, entry.nat_port),
+            snat.clone().unwrap_or_else(|| "-".into()),
             state.into(),
             entry.backend_id.to_string(),
             format!("{left_s}s"),
@@ -170,6 +178,8 @@ pub fn conntrack(bpffs: &Path, format: Format) -> Result<String, Error> {
             "source": addr(key.saddr, key.sport),
             "destination": addr(key.daddr, key.dport),
             "nat": addr(entry.nat_addr, entry.nat_port),
+            "snat": snat,
+            "external": entry.flags & ct_flags::EXTERNAL != 0,
             "state": state,
             "backend_id": entry.backend_id,
             "frontend_id": entry.frontend_id,

@@ -24,6 +24,12 @@ use crate::{
 /// so the pod's ARP is answered by its node.
 const POD_GATEWAY: &str = "169.254.1.1";
 
+/// The external client's address on the LAN.
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 200);
+/// Where LoadBalancer and external IPs of the tests live; the external
+/// client routes it to node1, as an upstream router would.
+pub const EXTERNAL_IP_RANGE: &str = "172.30.0.0/24";
+
 /// Polls `f` every 50 ms until it succeeds or `timeout` passes.
 pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -112,8 +118,16 @@ impl Drop for BpffsMount {
 /// the bpffs and the manifests last.
 pub struct Cluster {
     agents: Vec<Option<Child>>,
+    /// XDP on the LAN side of the nodes' links, when the agents run XDP.
+    lan_xdp: Option<lb_userspace::Datapath>,
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
+    /// A client outside the cluster on the nodes' LAN, with its transmit
+    /// checksum offload off (its packets carry full checksums, as a NIC's
+    /// do when they arrive).
+    pub external: Netns,
+    /// The agents' `--xdp` mode.
+    xdp: &'static str,
     lan: Netns,
     _bpffs: BpffsMount,
     dir: tempfile::TempDir,
@@ -148,6 +162,9 @@ impl Cluster {
             lan.ip(&format!("link set n{n} master br0 up"))?;
             ns.ip(&format!("addr add {ip}/24 dev eth0"))?;
             ns.ip("link set eth0 up")?;
+            // What leaves a node for the LAN carries a full checksum, as on
+            // a wire (a veth would hand the next node's XDP a partial one).
+            run(ns.command("ethtool").args(["-K", "eth0", "tx", "off"]))?;
             ns.sysctl("net.ipv4.ip_forward", "1")?;
             ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
             ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -160,6 +177,21 @@ impl Cluster {
                 next_veth: 0,
             });
         }
+        let external = Netns::new(&format!("{id}-ext"))?;
+        lan.ip(&format!(
+            "link add x0 type veth peer name eth0 netns {}",
+            external.name()
+        ))?;
+        lan.ip("link set x0 master br0 up")?;
+        external.ip(&format!("addr add {EXTERNAL_CLIENT_IP}/24 dev eth0"))?;
+        external.ip("link set eth0 up")?;
+        external.ip(&format!(
+            "route add {EXTERNAL_IP_RANGE} via {}",
+            nodes[0].ip
+        ))?;
+        run(external
+            .command("ethtool")
+            .args(["-K", "eth0", "tx", "off"]))?;
         // Each node routes the other nodes' pod CIDRs to them.
         for (i, node) in nodes.iter().enumerate() {
             for (j, other) in nodes.iter().enumerate() {
@@ -171,13 +203,46 @@ impl Cluster {
         }
         Ok(Self {
             agents: nodes.iter().map(|_| None).collect(),
+            lan_xdp: None,
             pods: Vec::new(),
             nodes,
+            external,
+            xdp: "off",
             lan,
             _bpffs: bpffs,
             dir,
             id,
         })
+    }
+
+    /// Agents started from now on run with `--xdp mode`.
+    ///
+    /// A veth delivers the frames its peer's XDP program sends back
+    /// (`XDP_TX`) only when it runs an XDP program itself: it wakes its
+    /// receive queue for them only then (`veth_xdp_flush` in
+    /// drivers/net/veth.c); a NIC has no such condition. So the LAN side of
+    /// each node's link gets one too: xlb's, with empty maps of its own,
+    /// which passes every frame.
+    pub fn set_xdp(&mut self, mode: &'static str) -> Result<()> {
+        self.xdp = mode;
+        if mode == "off" || self.lan_xdp.is_some() {
+            return Ok(());
+        }
+        let settings = lb_userspace::datapath::Settings::default();
+        let mut datapath = lb_userspace::Datapath::load(&self._bpffs.0.join("lan"), &settings)?;
+        let program = datapath.xdp_program()?;
+        for n in 1..=self.nodes.len() {
+            let link = format!("n{n}");
+            self.lan
+                .enter(|| program.attach(&link, aya::programs::XdpMode::Driver))??;
+        }
+        self.lan_xdp = Some(datapath);
+        Ok(())
+    }
+
+    /// Runs `f` in the external client's namespace.
+    pub fn from_outside<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.external.enter(f).expect("enter the external client")
     }
 
     /// The LAN namespace (holds the bridge the nodes share).
@@ -280,6 +345,7 @@ impl Cluster {
             .args(["--node-name", &host.name, "--zone", &host.zone])
             .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
             .arg(&host.bpffs)
+            .args(["--external-iface", "eth0", "--xdp", self.xdp])
             .args([
                 "--metrics-addr",
                 "127.0.0.1:10249",
@@ -293,22 +359,26 @@ impl Cluster {
             .spawn()
             .context("start xlb agent")?;
         self.agents[node] = Some(child);
-        let veths: Vec<String> = (0..self.nodes[node].next_veth)
-            .map(|k| format!("veth{k}"))
-            .collect();
         let links = self.nodes[node].bpffs.join("links");
-        eventually("agent attached every pod", Duration::from_secs(10), || {
-            self.check_agent_alive(node)?;
-            for veth in &veths {
-                for direction in ["ingress", "egress"] {
-                    let pin = links.join(format!("{direction}_{veth}"));
-                    if !pin.exists() {
-                        bail!("{} not pinned yet", pin.display());
-                    }
+        let mut pins: Vec<PathBuf> = (0..self.nodes[node].next_veth)
+            .flat_map(|k| [format!("ingress_veth{k}"), format!("egress_veth{k}")])
+            .map(|name| links.join(name))
+            .collect();
+        pins.push(links.join("nodeport_eth0"));
+        if self.xdp != "off" {
+            pins.push(links.join("xdp_eth0"));
+        }
+        eventually(
+            "agent attached every interface",
+            Duration::from_secs(10),
+            || {
+                self.check_agent_alive(node)?;
+                if let Some(pin) = pins.iter().find(|pin| !pin.exists()) {
+                    bail!("{} not pinned yet", pin.display());
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 
     /// Starts every node's agent.
@@ -383,8 +453,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for node in 0..self.nodes.len() {
+                let stats = Command::new(xlb_bin())
+                    .arg("stats")
+                    .arg("--bpffs")
+                    .arg(&self.nodes[node].bpffs)
+                    .output()
+                    .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                    .unwrap_or_default();
                 eprintln!(
-                    "--- agent log of {}:\n{}",
+                    "--- agent log of {}:\n{}--- datapath counters:\n{stats}",
                     self.nodes[node].name,
                     self.agent_log(node)
                 );
