@@ -155,8 +155,9 @@ fn in_snat_range(port: u16) -> bool {
 }
 
 /// Writes the reply entry of a SNATed flow on the first port whose tuple
-/// is free (or held by an expired entry), trying the key's own port first
-/// when `keep_port`. Returns that port.
+/// is free (or held by an expired entry, or by an earlier flow of the same
+/// client tuple), trying the key's own port first when `keep_port`.
+/// Returns that port.
 #[inline(always)]
 fn insert_snat_reply(
     key: &mut CtKey,
@@ -175,9 +176,13 @@ fn insert_snat_reply(
         if CONNTRACK.insert(*key, reply, BPF_NOEXIST as u64).is_ok() {
             return Ok(key.dport);
         }
+        // Free to take: expired, or held by an earlier flow of this very
+        // client tuple (a connection reopened on the same port).
         // SAFETY: copied out at once.
-        let stale =
-            unsafe { CONNTRACK.get(*key) }.is_none_or(|held| held.is_expired(key.proto, now));
+        let stale = unsafe { CONNTRACK.get(*key) }.is_none_or(|held| {
+            held.is_expired(key.proto, now)
+                || (held.peer_addr == reply.peer_addr && held.peer_port == reply.peer_port)
+        });
         if stale && CONNTRACK.insert(*key, reply, 0).is_ok() {
             return Ok(key.dport);
         }

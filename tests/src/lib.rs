@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod echo;
 pub mod manifests;
 pub mod netns;
+pub mod node_ns;
 pub mod packet;
 pub mod pins;
 pub mod privilege;

@@ -53,11 +53,15 @@ impl TestLb {
 
     /// [`Self::load`] with some maps' capacities overridden by name.
     pub fn load_with_capacities(capacities: &[(&'static str, u32)]) -> Self {
-        let pins = PinDir::new();
-        let settings = Settings {
+        Self::load_with(Settings {
             snat_addr: Some(NODE_IP),
             capacities: capacities.to_vec(),
-        };
+        })
+    }
+
+    /// Loads with `settings` as they are.
+    pub fn load_with(settings: Settings) -> Self {
+        let pins = PinDir::new();
         let mut datapath = Datapath::load(pins.path(), &settings).expect("load the datapath");
         let maps = datapath.take_maps().expect("open the maps");
         Self {
@@ -230,11 +234,22 @@ impl TestLb {
     /// Runs TC `program` once on `frame` as if it arrived on interface
     /// `ifindex` (of the calling thread's network namespace).
     pub fn run_on(&mut self, program: &'static str, frame: &[u8], ifindex: u32) -> Outcome {
+        self.run_on_repeated(program, frame, ifindex, 1).0
+    }
+
+    /// [`Self::run_on`] `repeat` times (see [`Self::run_repeated`]).
+    pub fn run_on_repeated(
+        &mut self,
+        program: &'static str,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> (Outcome, std::time::Duration) {
         // struct __sk_buff up to `ifindex` (offset 40); the rest is zero.
         let mut ctx = [0u8; 44];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let program = self.datapath.tc_program(program).expect("program");
-        test_run(program, frame, Some(&ctx), 1).0
+        test_run(program, frame, Some(&ctx), repeat)
     }
 
     /// Runs `nodeport_xdp` once on `frame` arriving on `ifindex`.

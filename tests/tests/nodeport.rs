@@ -5,8 +5,6 @@
 //! permanent neighbours, so that their FIB lookups are deterministic. Each
 //! case that both hooks handle runs on both, and must come out the same.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use lb_common::{
     CtEntry, CtKey, PROTO_TCP, PROTO_UDP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, backend_flags,
     ct_flags, direction, frontend_flags, ipv4_raw, port_host, port_raw,
@@ -14,7 +12,7 @@ use lb_common::{
 use lb_userspace::datapath::program::{FROM_POD, NODEPORT_TC};
 use xlb_tests::{
     checksum,
-    netns::Netns,
+    node_ns::{CLIENT_MAC, NODE_MAC, NODE2_MAC, NodeNs},
     packet::{Packet, addr, flags, seen},
     require_root,
     test_lb::{
@@ -29,67 +27,6 @@ const NODE_PORT: &str = "192.168.77.11:30080";
 const REMOTE: &str = "10.244.2.10:80";
 /// A backend on this node, behind `pod0`.
 const LOCAL: &str = "10.244.1.10:80";
-const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
-const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x01];
-const NODE2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x12];
-
-/// The test's node: its namespace and the interfaces frames arrive on.
-struct Node {
-    ns: Netns,
-    /// `ext0`: the external interface (this node's address, MAC `NODE_MAC`).
-    ext: u32,
-    /// `pod0`: where the local backend lives.
-    pod: u32,
-}
-
-fn node() -> Node {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "xlb-np-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let ns = Netns::new(&name).unwrap();
-    let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
-    for cmd in [
-        format!(
-            "link add ext0 address {} type veth peer name ext0-peer",
-            mac(NODE_MAC)
-        ),
-        "link add pod0 type veth peer name pod0-peer".into(),
-        "link set ext0-peer up".into(),
-        "link set pod0-peer up".into(),
-        "link set ext0 up".into(),
-        "link set pod0 up".into(),
-        format!("addr add {NODE_IP}/24 dev ext0"),
-        "route add 10.244.2.0/24 via 192.168.77.12".into(),
-        "route add 10.244.1.10/32 dev pod0".into(),
-        // A next hop whose MAC is not known (yet).
-        "route add 10.244.3.0/24 via 192.168.77.13".into(),
-        format!(
-            "neigh add 192.168.77.12 lladdr {} dev ext0 nud permanent",
-            mac(NODE2_MAC)
-        ),
-        format!(
-            "neigh add 192.168.77.200 lladdr {} dev ext0 nud permanent",
-            mac(CLIENT_MAC)
-        ),
-    ] {
-        ns.ip(&cmd).unwrap();
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    let ifindex = |name: &str| {
-        let out = ns.ip(&format!("-o link show {name}")).unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split(':').next().unwrap().trim().parse().unwrap()
-    };
-    Node {
-        ext: ifindex("ext0"),
-        pod: ifindex("pod0"),
-        ns,
-    }
-}
-
 /// The two north-south hooks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Hook {
@@ -120,7 +57,7 @@ fn fate(hook: Hook, verdict: u32) -> Fate {
 }
 
 /// Runs `hook` on `frame` arriving on `ifindex`, in the node's namespace.
-fn run(lb: &mut TestLb, node: &Node, hook: Hook, frame: &[u8], ifindex: u32) -> (Fate, Outcome) {
+fn run(lb: &mut TestLb, node: &NodeNs, hook: Hook, frame: &[u8], ifindex: u32) -> (Fate, Outcome) {
     let out = node
         .ns
         .enter(|| match hook {
@@ -189,7 +126,7 @@ fn key(src: &str, dst: &str, proto: u8, dir: u8) -> CtKey {
 #[test]
 fn cluster_policy_snats_to_a_remote_backend_and_translates_the_reply() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     for hook in HOOKS {
         for proto in [PROTO_TCP, PROTO_UDP] {
             let (mut lb, _) = nodeport(proto, Some((REMOTE, 0)), 0);
@@ -283,7 +220,7 @@ fn cluster_policy_snats_to_a_remote_backend_and_translates_the_reply() {
 #[test]
 fn snat_keeps_a_free_client_port_and_avoids_a_taken_one() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     for hook in HOOKS {
         let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
         let mut ports = Vec::new();
@@ -307,7 +244,7 @@ fn snat_keeps_a_free_client_port_and_avoids_a_taken_one() {
 #[test]
 fn a_local_backend_sees_the_client_and_its_reply_is_translated_in_from_pod() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     for hook in HOOKS {
         let (mut lb, _) = nodeport(PROTO_TCP, Some((LOCAL, backend_flags::LOCAL)), 0);
         let input = Packet::tcp(CLIENT, NODE_PORT, flags::SYN).bytes();
@@ -355,7 +292,7 @@ fn a_local_backend_sees_the_client_and_its_reply_is_translated_in_from_pod() {
 #[test]
 fn local_policy_without_a_local_endpoint_drops() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     for hook in HOOKS {
         let (mut lb, _) = nodeport(PROTO_TCP, None, frontend_flags::DROP_WHEN_EMPTY);
         let frame = Packet::tcp(CLIENT, NODE_PORT, flags::SYN).bytes();
@@ -372,7 +309,7 @@ fn local_policy_without_a_local_endpoint_drops() {
 #[test]
 fn no_endpoints_is_rejected_by_tc_and_left_to_it_by_xdp() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     let frame = Packet::tcp(CLIENT, NODE_PORT, flags::SYN).bytes();
     let (mut lb, _) = nodeport(PROTO_TCP, None, 0);
     let (fate, out) = run(&mut lb, &node, Hook::Xdp, &frame, node.ext);
@@ -391,7 +328,7 @@ fn no_endpoints_is_rejected_by_tc_and_left_to_it_by_xdp() {
 #[test]
 fn source_ranges_admit_their_clients_only() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     for hook in HOOKS {
         let (mut lb, id) = nodeport(PROTO_TCP, Some((REMOTE, 0)), frontend_flags::SOURCE_RANGES);
         lb.add_source_range(id, "10.0.0.0/8");
@@ -408,7 +345,7 @@ fn source_ranges_admit_their_clients_only() {
 #[test]
 fn what_is_not_ours_passes_untouched() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     let frames = [
         // The node's own ssh.
         Packet::tcp(CLIENT, "192.168.77.11:22", flags::SYN).bytes(),
@@ -434,7 +371,7 @@ fn what_is_not_ours_passes_untouched() {
 #[test]
 fn xdp_leaves_an_unresolved_next_hop_to_tc_which_uses_the_same_flow() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     let (mut lb, _) = nodeport(PROTO_TCP, Some(("10.244.3.10:80", 0)), 0);
     let frame = Packet::tcp(CLIENT, NODE_PORT, flags::SYN).bytes();
     let (fate, out) = run(&mut lb, &node, Hook::Xdp, &frame, node.ext);
@@ -451,7 +388,7 @@ fn xdp_leaves_an_unresolved_next_hop_to_tc_which_uses_the_same_flow() {
 #[test]
 fn a_ttl_that_runs_out_is_not_forwarded() {
     require_root!();
-    let node = node();
+    let node = NodeNs::new().unwrap();
     let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
     let frame = with_ttl(Packet::tcp(CLIENT, NODE_PORT, flags::SYN).bytes(), 1);
     let (fate, out) = run(&mut lb, &node, Hook::Xdp, &frame, node.ext);

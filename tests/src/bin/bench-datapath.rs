@@ -9,17 +9,30 @@
 //! - "new flow" sends SYN+RST: the RST leaves the entry closing and the SYN
 //!   makes the next run start a new flow over it (select, two conntrack
 //!   writes, DNAT) — the whole new-flow path, every run.
+//!
+//! The north-south paths (`nodeport_tc`, `nodeport_xdp`) run in a node
+//! namespace of their own (`node_ns`) so that their FIB lookups succeed; the
+//! SNAT address is the client's own, so SNAT too writes what it reads and
+//! the reply of a SNATed flow is addressed back to the same client. Those
+//! paths forward the packet themselves and take one off its TTL each run,
+//! so they run in batches of [`TTL_BATCH`] from a TTL of 255, and a point is
+//! the mean over its batches.
 
 use std::{fs, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use lb_common::{PROTO_TCP, Reason};
-use lb_userspace::datapath::program::{FROM_POD, TO_POD};
+use lb_common::{PROTO_TCP, Reason, backend_flags};
+use lb_userspace::datapath::{
+    Settings,
+    program::{FROM_POD, NODEPORT_TC, NODEPORT_XDP, TO_POD},
+};
 use serde::Serialize;
 use xlb_tests::{
+    checksum,
+    node_ns::{CLIENT_IP, NODE_MAC, NodeNs},
     packet::{Packet, flags},
     privilege::has_root,
-    test_lb::{TC_ACT_OK, TestLb},
+    test_lb::{Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TestLb, XDP_PASS, XDP_TX},
 };
 
 const SCALES: [u32; 3] = [1, 10_000, 100_000];
@@ -27,6 +40,14 @@ const BACKENDS_PER_FRONTEND: u32 = 3;
 const ROUNDS: usize = 3;
 const VIP: &str = "10.96.0.1:80";
 const CLIENT: &str = "10.244.1.5:40000";
+/// North-south: the external client (in the SNAT port range, which it
+/// keeps), a frontend whose backend is remote and one whose backend is
+/// local; both balanced to themselves.
+const EXT_CLIENT: &str = "192.168.77.200:62000";
+const EXT_REMOTE: &str = "192.168.77.50:80";
+const EXT_LOCAL: &str = "192.168.77.51:80";
+/// Runs per batch of a path that takes one off the TTL each run.
+const TTL_BATCH: u32 = 250;
 
 #[derive(Serialize)]
 struct Row {
@@ -40,48 +61,122 @@ struct Path {
     program: &'static str,
     name: &'static str,
     packet: Packet,
-    /// The counter every run of this path must land in.
-    reason: Reason,
+    /// The counter every run of this path must land in (`None`: none, an
+    /// XDP pass left to TC).
+    reason: Option<Reason>,
+    /// The verdict every run must return.
+    verdict: u32,
+    /// The path forwards the packet itself (TTL batches).
+    forwards: bool,
+}
+
+impl Path {
+    fn east_west(
+        program: &'static str,
+        name: &'static str,
+        packet: Packet,
+        reason: Reason,
+    ) -> Self {
+        Path {
+            program,
+            name,
+            packet,
+            reason: Some(reason),
+            verdict: TC_ACT_OK,
+            forwards: false,
+        }
+    }
 }
 
 fn paths() -> Vec<Path> {
-    vec![
-        Path {
-            program: FROM_POD,
-            name: "new_flow",
-            packet: Packet::tcp(CLIENT, VIP, flags::SYN | flags::RST),
-            reason: Reason::ForwardNew,
-        },
-        Path {
-            program: FROM_POD,
-            name: "established",
-            packet: Packet::tcp(CLIENT, VIP, flags::ACK),
-            reason: Reason::ForwardEstablished,
-        },
-        Path {
-            program: FROM_POD,
-            name: "miss",
-            packet: Packet::tcp(CLIENT, "10.244.9.9:80", flags::ACK),
-            reason: Reason::PassNotLoadBalanced,
-        },
-        Path {
-            program: TO_POD,
-            name: "rev_nat",
-            packet: Packet::tcp(VIP, CLIENT, flags::ACK),
-            reason: Reason::RevNat,
-        },
-        Path {
-            program: TO_POD,
-            name: "miss",
-            packet: Packet::tcp("10.244.9.9:80", CLIENT, flags::ACK),
-            reason: Reason::PassNotLoadBalanced,
-        },
-    ]
+    let mut paths = vec![
+        Path::east_west(
+            FROM_POD,
+            "new_flow",
+            Packet::tcp(CLIENT, VIP, flags::SYN | flags::RST),
+            Reason::ForwardNew,
+        ),
+        Path::east_west(
+            FROM_POD,
+            "established",
+            Packet::tcp(CLIENT, VIP, flags::ACK),
+            Reason::ForwardEstablished,
+        ),
+        Path::east_west(
+            FROM_POD,
+            "miss",
+            Packet::tcp(CLIENT, "10.244.9.9:80", flags::ACK),
+            Reason::PassNotLoadBalanced,
+        ),
+        Path::east_west(
+            TO_POD,
+            "rev_nat",
+            Packet::tcp(VIP, CLIENT, flags::ACK),
+            Reason::RevNat,
+        ),
+        Path::east_west(
+            TO_POD,
+            "miss",
+            Packet::tcp("10.244.9.9:80", CLIENT, flags::ACK),
+            Reason::PassNotLoadBalanced,
+        ),
+    ];
+    for (program, sent_out, passed) in [
+        (NODEPORT_TC, TC_ACT_REDIRECT, TC_ACT_OK),
+        (NODEPORT_XDP, XDP_TX, XDP_PASS),
+    ] {
+        let forwarded = |name, packet, reason| Path {
+            program,
+            name,
+            packet,
+            reason: Some(reason),
+            verdict: sent_out,
+            forwards: true,
+        };
+        paths.extend([
+            forwarded(
+                "new_snat",
+                Packet::tcp(EXT_CLIENT, EXT_REMOTE, flags::SYN | flags::RST),
+                Reason::ForwardNew,
+            ),
+            forwarded(
+                "est_snat",
+                Packet::tcp(EXT_CLIENT, EXT_REMOTE, flags::ACK),
+                Reason::ForwardEstablished,
+            ),
+            forwarded(
+                "rev_snat",
+                Packet::tcp(EXT_REMOTE, EXT_CLIENT, flags::ACK),
+                Reason::RevNat,
+            ),
+            Path {
+                program,
+                name: "new_local",
+                packet: Packet::tcp(EXT_CLIENT, EXT_LOCAL, flags::SYN | flags::RST),
+                reason: Some(Reason::ForwardNew),
+                verdict: passed,
+                forwards: false,
+            },
+            Path {
+                program,
+                name: "miss",
+                packet: Packet::tcp(EXT_CLIENT, "192.168.77.11:22", flags::ACK),
+                reason: (program == NODEPORT_TC).then_some(Reason::PassNotLoadBalanced),
+                verdict: passed,
+                forwards: false,
+            },
+        ]);
+    }
+    paths
 }
 
 /// Fills `count` frontends; the first is [`VIP`], balanced to itself.
 fn fill(lb: &mut TestLb, count: u32) {
     lb.add_frontend(VIP, PROTO_TCP, &[VIP]);
+    let remote = lb.add_backend(EXT_REMOTE, PROTO_TCP);
+    lb.add_external_frontend(EXT_REMOTE, PROTO_TCP, &[remote], 0);
+    let local = lb.add_backend_flagged(EXT_LOCAL, PROTO_TCP, backend_flags::LOCAL);
+    lb.add_external_frontend(EXT_LOCAL, PROTO_TCP, &[local], 0);
     for i in 1..count {
         let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i);
         let backends: Vec<String> = (0..BACKENDS_PER_FRONTEND)
@@ -95,31 +190,87 @@ fn fill(lb: &mut TestLb, count: u32) {
     }
 }
 
-fn measure(lb: &mut TestLb, path: &Path, repeat: u32) -> Result<Duration> {
-    let frame = path.packet.bytes();
-    // Create the flow the established and rev-NAT paths use, then put the
-    // path in its steady state (new flow: the entry left closing).
-    lb.run(FROM_POD, &Packet::tcp(CLIENT, VIP, flags::SYN).bytes());
-    lb.run(path.program, &frame);
-    let mut times = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        let before = lb.maps.counter_totals()?[path.reason as usize].packets;
-        let (out, per_run) = lb.run_repeated(path.program, &frame, repeat);
-        let after = lb.maps.counter_totals()?[path.reason as usize].packets;
-        if out.verdict != TC_ACT_OK || after - before != u64::from(repeat) {
-            bail!(
-                "{} {}: left its path (verdict {}, {} of {repeat} runs counted as {})",
-                path.program,
-                path.name,
-                out.verdict,
-                after - before,
-                path.reason.name()
-            );
-        }
-        times.push(per_run);
+/// Runs `path` `repeat` times on `frame` arriving on `ifindex`.
+fn run(
+    lb: &mut TestLb,
+    path: &Path,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> (Outcome, Duration) {
+    match path.program {
+        NODEPORT_XDP => lb.run_xdp_repeated(frame, ifindex, repeat),
+        NODEPORT_TC => lb.run_on_repeated(path.program, frame, ifindex, repeat),
+        program => lb.run_repeated(program, frame, repeat),
     }
-    times.sort();
-    Ok(times[ROUNDS / 2])
+}
+
+/// `frame` with a TTL of 255 (and its IPv4 checksum fixed).
+fn with_max_ttl(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[14 + 8] = 255;
+    frame[24..26].fill(0);
+    let csum = checksum::ipv4_header(&frame[14..34]);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+fn measure(lb: &mut TestLb, node: &NodeNs, path: &Path, repeat: u32) -> Result<Duration> {
+    let frame = with_max_ttl(path.packet.bytes());
+    let count = |lb: &TestLb| -> Result<u64> {
+        Ok(match path.reason {
+            Some(reason) => lb.maps.counter_totals()?[reason as usize].packets,
+            None => lb.maps.counter_totals()?.iter().map(|c| c.packets).sum(),
+        })
+    };
+    let (batch, batches) = if path.forwards {
+        (TTL_BATCH, repeat.div_ceil(TTL_BATCH))
+    } else {
+        (repeat, 1)
+    };
+    let ifindex = node.ext;
+    node.ns.enter(|| -> Result<Duration> {
+        // Create the flows the established and reply paths use, then put
+        // the path in its steady state (new flow: the entry left closing).
+        lb.run(FROM_POD, &Packet::tcp(CLIENT, VIP, flags::SYN).bytes());
+        let ext_syn = with_max_ttl(Packet::tcp(EXT_CLIENT, EXT_REMOTE, flags::SYN).bytes());
+        lb.run_on(NODEPORT_TC, &ext_syn, ifindex);
+        run(lb, path, &frame, ifindex, 1);
+        let mut times = Vec::with_capacity(ROUNDS);
+        for _ in 0..ROUNDS {
+            let before = count(lb)?;
+            let mut total = Duration::ZERO;
+            for _ in 0..batches {
+                let (out, per_run) = run(lb, path, &frame, ifindex, batch);
+                if out.verdict != path.verdict {
+                    bail!(
+                        "{} {}: left its path (verdict {}, want {})",
+                        path.program,
+                        path.name,
+                        out.verdict,
+                        path.verdict
+                    );
+                }
+                total += per_run;
+            }
+            let counted = count(lb)? - before;
+            let want = if path.reason.is_some() {
+                u64::from(batch) * u64::from(batches)
+            } else {
+                0
+            };
+            if counted != want {
+                bail!(
+                    "{} {}: left its path ({counted} of {want} runs counted as {:?})",
+                    path.program,
+                    path.name,
+                    path.reason.map(Reason::name)
+                );
+            }
+            times.push(total / batches);
+        }
+        times.sort();
+        Ok(times[ROUNDS / 2])
+    })?
 }
 
 fn main() -> Result<()> {
@@ -136,12 +287,20 @@ fn main() -> Result<()> {
     if !has_root("bench-datapath") {
         bail!("the datapath benchmark needs root");
     }
+    let node = NodeNs::new()?;
+    for frontend in [EXT_REMOTE, EXT_LOCAL] {
+        let ip = frontend.split(':').next().unwrap_or_default().parse()?;
+        node.add_neighbour(ip, NODE_MAC)?;
+    }
     let mut rows = Vec::new();
     for frontends in SCALES {
-        let mut lb = TestLb::load();
+        let mut lb = TestLb::load_with(Settings {
+            snat_addr: Some(CLIENT_IP),
+            ..Settings::default()
+        });
         fill(&mut lb, frontends);
         for path in paths() {
-            let time = measure(&mut lb, &path, repeat)?;
+            let time = measure(&mut lb, &node, &path, repeat)?;
             rows.push(Row {
                 program: path.program,
                 path: path.name,
@@ -161,7 +320,7 @@ fn main() -> Result<()> {
 
 fn print_table(rows: &[Row], repeat: u32) {
     println!("BPF_PROG_TEST_RUN, {repeat} runs per point, median of {ROUNDS}; ns per packet");
-    print!("{:<10} {:<12}", "program", "path");
+    print!("{:<12} {:<12}", "program", "path");
     for scale in SCALES {
         print!(" {:>10}", format!("{scale} fe"));
     }
@@ -178,7 +337,7 @@ fn print_table(rows: &[Row], repeat: u32) {
             .filter(|r| r.program == program && r.path == path)
             .map(|r| r.ns_per_pkt)
             .collect();
-        print!("{program:<10} {path:<12}");
+        print!("{program:<12} {path:<12}");
         for t in &times {
             print!(" {t:>10.0}");
         }
