@@ -1,6 +1,7 @@
 //! End to end: `sessionAffinity: ClientIP` as kube-proxy's e2e tests check
 //! it ("should have session affinity work", "... timeout work", "should be
-//! able to switch session affinity") for a ClusterIP Service.
+//! able to switch session affinity") for a ClusterIP Service, and through a
+//! NodePort for a client outside the cluster, with and without XDP.
 
 use std::{
     collections::BTreeSet,
@@ -18,6 +19,7 @@ use xlb_tests::{
 };
 
 const IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const NODE_PORT: u16 = 30_400;
 
 fn manifests(cluster: &Cluster, affinity: Option<u32>) -> String {
     let spec = match affinity {
@@ -30,8 +32,14 @@ fn manifests(cluster: &Cluster, affinity: Option<u32>) -> String {
         .iter()
         .map(|(name, node)| Endpoint::ready(cluster.pod(name).ip, &cluster.nodes[*node].name))
         .collect();
+    let service = service_with("sticky", IP, &[Port::tcp("", 80)], &["80"], "", &spec)
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace(
+            "targetPort: 80\n",
+            &format!("targetPort: 80\n    nodePort: {NODE_PORT}\n"),
+        );
     documents(&[
-        service_with("sticky", IP, &[Port::tcp("", 80)], &["80"], "", &spec),
+        service,
         endpoint_slice(
             "sticky",
             "sticky-1",
@@ -50,13 +58,82 @@ fn backends(cluster: &Cluster, client: &str, n: usize) -> anyhow::Result<BTreeSe
     })
 }
 
+/// The backends that answer `n` new connections from the external client
+/// through node `node`'s NodePort.
+fn backends_from_outside(
+    cluster: &Cluster,
+    node: usize,
+    n: usize,
+) -> anyhow::Result<BTreeSet<String>> {
+    let to = SocketAddrV4::new(cluster.nodes[node].ip, NODE_PORT);
+    cluster.from_outside(|| (0..n).map(|_| tcp_request(to).map(|r| r.from)).collect())
+}
+
 fn running(affinity: Option<u32>) -> Cluster {
+    running_with_xdp(affinity, "off")
+}
+
+fn running_with_xdp(affinity: Option<u32>, xdp: &'static str) -> Cluster {
     let mut cluster = scenario::cluster().unwrap();
     cluster
         .write_manifest("sticky.yaml", &manifests(&cluster, affinity))
         .unwrap();
+    cluster.set_xdp(xdp).unwrap();
     cluster.start_agents().unwrap();
     cluster
+}
+
+/// Sticks through both nodes' NodePort, switches off and on, times out.
+fn session_affinity_through_a_node_port(xdp: &'static str) {
+    let cluster = running_with_xdp(Some(10_800), xdp);
+    for node in 0..2 {
+        let seen = backends_from_outside(&cluster, node, 20).unwrap();
+        assert_eq!(seen.len(), 1, "via node{}: {seen:?}", node + 1);
+    }
+    cluster
+        .write_manifest("sticky.yaml", &manifests(&cluster, None))
+        .unwrap();
+    eventually("affinity off spreads", Duration::from_secs(1), || {
+        let seen = backends_from_outside(&cluster, 0, 20)?;
+        ensure!(seen.len() > 1, "{seen:?}");
+        Ok(())
+    })
+    .unwrap();
+    cluster
+        .write_manifest("sticky.yaml", &manifests(&cluster, Some(2)))
+        .unwrap();
+    eventually("affinity on sticks again", Duration::from_secs(1), || {
+        let seen = backends_from_outside(&cluster, 0, 20)?;
+        ensure!(seen.len() == 1, "{seen:?}");
+        Ok(())
+    })
+    .unwrap();
+    let mut across_timeouts = BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(2_300));
+        let seen = backends_from_outside(&cluster, 0, 5).unwrap();
+        assert_eq!(seen.len(), 1, "sticky within the timeout: {seen:?}");
+        across_timeouts.extend(seen);
+        if across_timeouts.len() > 1 {
+            break;
+        }
+    }
+    assert!(
+        across_timeouts.len() > 1,
+        "the spread resumes after the timeout: {across_timeouts:?}"
+    );
+}
+
+#[test]
+fn session_affinity_through_a_node_port_with_tc() {
+    require_root!();
+    session_affinity_through_a_node_port("off");
+}
+
+#[test]
+fn session_affinity_through_a_node_port_with_xdp() {
+    require_root!();
+    session_affinity_through_a_node_port("native");
 }
 
 #[test]
