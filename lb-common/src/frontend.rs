@@ -2,12 +2,15 @@
 
 use crate::map_type;
 
-/// Where a frontend is reachable from. ClusterIPs are internal; NodePort,
-/// LoadBalancer and external IPs are external (they may differ in policy).
+/// Who reaches a frontend. NodePort, LoadBalancer and external IP addresses
+/// have one frontend in each scope, since pods and outside clients get
+/// different policies there.
 pub mod scope {
-    /// Reached from pods on this node (ClusterIP).
+    /// Reached from pods on this node: ClusterIPs, and external addresses
+    /// (served cluster-wide, whatever the external traffic policy).
     pub const INTERNAL: u8 = 0;
-    /// Reached from outside the cluster (NodePort, LoadBalancer, externalIP).
+    /// Reached from outside the cluster through an external interface
+    /// (NodePort, LoadBalancer, externalIP), with the external policy.
     pub const EXTERNAL: u8 = 1;
 }
 
