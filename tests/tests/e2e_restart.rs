@@ -105,8 +105,8 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("detached 6 program link(s)"),
-        "web-0, web-1 and client, both directions"
+        String::from_utf8_lossy(&out.stdout).contains("detached 7 program link(s)"),
+        "web-0, web-1 and client, both directions, and eth0's nodeport_tc"
     );
     assert!(!bpffs.exists(), "pins removed");
     // Nothing translates the ClusterIP on node1 any more (the kernel frees
