@@ -446,4 +446,63 @@ mod tests {
         let tiers = &programmed(&state)[0].1;
         assert_eq!(tiers[2].len(), 4);
     }
+
+    #[test]
+    fn source_ranges_are_written_before_their_frontend_and_removed_after() {
+        let mut desired = cluster(1, 1);
+        let fe = desired.frontends.get_mut(&frontend(0)).unwrap();
+        fe.source_ranges = vec![
+            (Ipv4Addr::new(10, 1, 2, 3), 8),
+            ("192.168.0.0".parse().unwrap(), 16),
+        ];
+        let (ops, _) = diff(&desired, &State::default());
+        let first_range = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutSourceRange(..)))
+            .unwrap();
+        let frontend_at = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutFrontend(..)))
+            .unwrap();
+        assert!(first_range < frontend_at, "{ops:?}");
+        let mut state = synced(&desired);
+        let id = state.frontends.values().next().unwrap().id;
+        let f = state.frontends.values().next().unwrap();
+        assert_ne!(f.flags & frontend_flags::SOURCE_RANGES, 0);
+        // Networks are stored masked to their length.
+        assert!(state.source_ranges.contains(&(
+            SourceRangeKey {
+                frontend_id: id,
+                addr: ipv4_raw([10, 0, 0, 0]),
+            },
+            8
+        )));
+        // Ranges removed: the frontend loses its flag first.
+        desired
+            .frontends
+            .get_mut(&frontend(0))
+            .unwrap()
+            .source_ranges = Vec::new();
+        let (ops, _) = diff(&desired, &state);
+        assert!(
+            matches!(ops[0], Op::PutFrontend(_, f) if f.flags == 0),
+            "{ops:?}"
+        );
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        ops.iter().for_each(|op| state.apply(op));
+        assert!(state.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn local_endpoints_get_the_local_flag() {
+        let mut desired = cluster(1, 2);
+        desired.local_endpoints.insert(endpoint(0).ip);
+        let state = synced(&desired);
+        let local: Vec<bool> = state
+            .backends
+            .values()
+            .map(|b| b.flags & backend_flags::LOCAL != 0)
+            .collect();
+        assert_eq!(local, vec![true, false]);
+    }
 }
