@@ -179,3 +179,12 @@ pub fn seen(frame: &[u8]) -> Seen {
         proto,
     }
 }
+
+/// `frame` with another IPv4 TTL, its header checksum fixed.
+pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    frame[14 + 8] = ttl;
+    frame[24..26].fill(0);
+    let csum = checksum::ipv4_header(&frame[14..34]);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+    frame
+}

@@ -11,9 +11,8 @@ use lb_common::{
 };
 use lb_userspace::datapath::program::{FROM_POD, NODEPORT_TC};
 use xlb_tests::{
-    checksum,
     node_ns::{CLIENT_MAC, NODE_MAC, NODE2_MAC, NodeNs},
-    packet::{Packet, addr, flags, seen},
+    packet::{Packet, addr, flags, seen, with_ttl},
     require_root,
     test_lb::{
         NODE_IP, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestLb, XDP_DROP, XDP_PASS,
@@ -90,15 +89,6 @@ fn eth_src(frame: &[u8]) -> [u8; 6] {
 
 fn ttl(frame: &[u8]) -> u8 {
     frame[14 + 8]
-}
-
-/// `frame` with another TTL (and its IPv4 checksum fixed).
-fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
-    frame[14 + 8] = ttl;
-    frame[24..26].fill(0);
-    let csum = checksum::ipv4_header(&frame[14..34]);
-    frame[24..26].copy_from_slice(&csum.to_be_bytes());
-    frame
 }
 
 /// The conntrack entry under `key`.

@@ -28,9 +28,8 @@ use lb_userspace::datapath::{
 };
 use serde::Serialize;
 use xlb_tests::{
-    checksum,
     node_ns::{CLIENT_IP, NODE_MAC, NodeNs},
-    packet::{Packet, flags},
+    packet::{Packet, flags, with_ttl},
     privilege::has_root,
     test_lb::{Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TestLb, XDP_PASS, XDP_TX},
 };
@@ -209,17 +208,8 @@ fn run(
     }
 }
 
-/// `frame` with a TTL of 255 (and its IPv4 checksum fixed).
-fn with_max_ttl(mut frame: Vec<u8>) -> Vec<u8> {
-    frame[14 + 8] = 255;
-    frame[24..26].fill(0);
-    let csum = checksum::ipv4_header(&frame[14..34]);
-    frame[24..26].copy_from_slice(&csum.to_be_bytes());
-    frame
-}
-
 fn measure(lb: &mut TestLb, node: &NodeNs, path: &Path, repeat: u32) -> Result<Duration> {
-    let frame = with_max_ttl(path.packet.bytes());
+    let frame = with_ttl(path.packet.bytes(), 255);
     let count = |lb: &TestLb| -> Result<u64> {
         Ok(match path.reason {
             Some(reason) => lb.maps.counter_totals()?[reason as usize].packets,
@@ -236,7 +226,7 @@ fn measure(lb: &mut TestLb, node: &NodeNs, path: &Path, repeat: u32) -> Result<D
         // Create the flows the established and reply paths use, then put
         // the path in its steady state (new flow: the entry left closing).
         lb.run(FROM_POD, &Packet::tcp(CLIENT, VIP, flags::SYN).bytes());
-        let ext_syn = with_max_ttl(Packet::tcp(EXT_CLIENT, EXT_REMOTE, flags::SYN).bytes());
+        let ext_syn = with_ttl(Packet::tcp(EXT_CLIENT, EXT_REMOTE, flags::SYN).bytes(), 255);
         lb.run_on(NODEPORT_TC, &ext_syn, ifindex);
         run(lb, path, &frame, ifindex, 1);
         let mut times = Vec::with_capacity(ROUNDS);
