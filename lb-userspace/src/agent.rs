@@ -21,18 +21,89 @@ use crate::{
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
     model::Node,
-    source::{Snapshot, file},
+    problem::Problem,
+    source::{Snapshot, file, kube::KubeSource},
     sync::Syncer,
 };
+
+/// A started source.
+enum Source {
+    File(PathBuf),
+    Kube(KubeSource),
+}
+
+/// What identifies a source's current contents: when it changes, the agent
+/// syncs.
+#[derive(PartialEq)]
+enum Version {
+    File(Vec<(PathBuf, u64, u64, i64, i64)>),
+    Kube(u64),
+}
+
+impl Source {
+    fn start(config: &SourceConfig, node: &str) -> Result<Self, Error> {
+        Ok(match config {
+            SourceConfig::File(path) => Source::File(path.clone()),
+            SourceConfig::Kube { kubeconfig } => {
+                Source::Kube(crate::source::kube::start(kubeconfig.as_deref(), node)?)
+            }
+        })
+    }
+
+    fn version(&self) -> Version {
+        match self {
+            Source::File(path) => Version::File(file::fingerprint(path)),
+            Source::Kube(kube) => Version::Kube(kube.shared.generation()),
+        }
+    }
+
+    /// Whether a snapshot would be complete (the API source listed every
+    /// resource once); before that the agent leaves the maps alone.
+    fn ready(&self) -> bool {
+        match self {
+            Source::File(_) => true,
+            Source::Kube(kube) => kube.shared.synced(),
+        }
+    }
+
+    fn read(&self) -> Snapshot {
+        match self {
+            Source::File(path) => file::read(path),
+            Source::Kube(kube) => kube.shared.snapshot(),
+        }
+    }
+
+    /// Tells the object's owner, where the source can (Kubernetes Events).
+    fn report(&self, problem: &Problem) {
+        if let Source::Kube(kube) = self {
+            kube.report(problem);
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::File(path) => format!("file {}", path.display()),
+            Source::Kube(_) => "kube".into(),
+        }
+    }
+}
 
 /// How often the loop looks at the manifests and the interfaces.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the maps are re-read and everything re-synced regardless.
 const RESYNC: Duration = Duration::from_secs(60);
 
+/// Where the agent reads Services and EndpointSlices.
+pub enum SourceConfig {
+    /// YAML files under this path.
+    File(PathBuf),
+    /// The API server, through this kubeconfig or the inferred config.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
 /// What the agent runs with (see `xlb agent --help`).
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     /// This node as the flags give it; a Node object of the same name in
     /// the manifests fills in the zone and addresses the flags leave out.
     pub node: Node,
@@ -65,20 +136,21 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     let maps = datapath.take_maps()?;
     let mut syncer = Syncer::new(maps)?;
+    let source = Source::start(&config.source, &config.node.name)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()));
     let bound = metrics::serve(config.metrics_addr, Endpoints::Metrics, metrics.clone())?;
     info!(addr = %bound, "serving /metrics");
     let bound = metrics::serve(config.healthz_addr, Endpoints::Health, metrics.clone())?;
-    info!(addr = %bound, "serving /healthz and /livez");
+    info!(addr = %bound, "serving /healthz, /livez and /readyz");
     let mut interfaces = PodInterfaces::new(config.pod_ifaces.clone(), &config.bpffs);
     let mut health_checks = HealthChecks::default();
     info!(
         node = %config.node.name,
-        manifests = %config.manifests.display(),
+        source = %source.describe(),
         bpffs = %config.bpffs.display(),
         "agent started"
     );
-    let mut last_fingerprint = None;
+    let mut last_version = None;
     let mut last_resync = Instant::now();
     loop {
         for attached in interfaces.scan(&mut datapath) {
@@ -87,7 +159,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 Err(err) => warn!(interface = %attached.interface, "{err}"),
             }
         }
-        let fingerprint = file::fingerprint(&config.manifests);
+        let version = source.version();
         let resync_due = last_resync.elapsed() >= RESYNC;
         if resync_due {
             if let Err(err) = syncer.reread() {
@@ -96,14 +168,15 @@ pub fn run(config: Config) -> Result<(), Error> {
             interfaces.retry_failed();
             last_resync = Instant::now();
         }
-        if last_fingerprint.as_ref() != Some(&fingerprint) || resync_due {
-            let snapshot = file::read(&config.manifests);
+        if source.ready() && (last_version.as_ref() != Some(&version) || resync_due) {
+            let snapshot = source.read();
             let node = node_for(&config.node, &snapshot);
             let report = syncer.sync(&snapshot, &node);
             health_checks.sync(&report.health_checks, &node.ips);
             for problem in &report.new_problems {
                 warn!(object = %problem.object, reason = problem.reason.label(), "skipped: {}", problem.reason);
                 metrics.count_invalid(&problem.reason);
+                source.report(problem);
             }
             metrics.observe_sync(report.duration, report.frontends, report.backends);
             info!(
@@ -113,7 +186,8 @@ pub fn run(config: Config) -> Result<(), Error> {
                 micros = report.duration.as_micros() as u64,
                 "synced"
             );
-            last_fingerprint = Some(fingerprint);
+            last_version = Some(version);
+            metrics.set_ready();
         }
         metrics.loop_ran();
         std::thread::sleep(TICK);

@@ -32,6 +32,8 @@ pub enum Error {
         #[source]
         source: crate::attach::AttachError,
     },
+    #[error("{0}")]
+    Kube(String),
     #[error("serving HTTP on {addr}: {message}")]
     Http {
         addr: std::net::SocketAddr,

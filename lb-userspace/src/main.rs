@@ -52,7 +52,7 @@ enum Command {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum SourceKind {
-    /// Kubernetes API (not built yet: use `file`).
+    /// The Kubernetes API (in-cluster config, or --kubeconfig).
     Kube,
     /// Kubernetes YAML files.
     File,
@@ -79,12 +79,17 @@ enum Output {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// Where Services and EndpointSlices come from.
-    #[arg(long, value_enum, default_value = "file")]
-    source: SourceKind,
+    /// Where Services and EndpointSlices come from [default: kube inside a
+    /// cluster (KUBERNETES_SERVICE_HOST set), file elsewhere].
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
     /// File or directory of YAML manifests (file source).
     #[arg(long)]
     manifests: Option<PathBuf>,
+    /// kubeconfig of the kube source [default: in-cluster config, else
+    /// $KUBECONFIG or ~/.kube/config].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// This node's name [default: the hostname].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -173,11 +178,20 @@ fn print(
 
 fn run_agent(args: AgentArgs) -> Result<()> {
     init_logging(args.log_format);
-    let manifests = match args.source {
-        SourceKind::File => args
-            .manifests
-            .context("--source file needs --manifests PATH")?,
-        SourceKind::Kube => bail!("the kube source is not built yet: run with --source file"),
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let source = match args.source {
+        Some(kind) => kind,
+        None if in_cluster => SourceKind::Kube,
+        None => SourceKind::File,
+    };
+    let source = match source {
+        SourceKind::File => agent::SourceConfig::File(
+            args.manifests
+                .context("--source file needs --manifests PATH")?,
+        ),
+        SourceKind::Kube => agent::SourceConfig::Kube {
+            kubeconfig: args.kubeconfig,
+        },
     };
     let name = match args.node_name {
         Some(name) => name,
@@ -196,7 +210,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         XdpMode::Off => None,
     };
     let config = agent::Config {
-        manifests,
+        source,
         node: Node {
             name,
             zone: args.zone,

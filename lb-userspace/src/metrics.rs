@@ -6,7 +6,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -46,6 +46,8 @@ pub struct Metrics {
     datapath_seen: Mutex<[(u64, u64); REASON_COUNT]>,
     /// Unix milliseconds of the loop's last pass.
     last_loop_ms: AtomicU64,
+    /// Set after the first complete sync.
+    ready: AtomicBool,
     /// Where the datapath's counters map is pinned.
     bpffs: PathBuf,
 }
@@ -99,6 +101,7 @@ impl Metrics {
             datapath_bytes,
             datapath_seen: Mutex::new([(0, 0); REASON_COUNT]),
             last_loop_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
             bpffs,
         }
     }
@@ -115,6 +118,11 @@ impl Metrics {
                 reason: reason.label(),
             })
             .inc();
+    }
+
+    /// Marks the first complete sync: from now on the agent is ready.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
     }
 
     /// Marks one pass of the agent's loop.
@@ -216,6 +224,13 @@ fn answer(endpoints: Endpoints, url: &str, metrics: &Metrics) -> (u16, &'static 
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
+        (Endpoints::Health, "/readyz") => {
+            // Ready once the datapath holds a complete view (the source's
+            // first full list, synced) and while the loop runs.
+            let ready = metrics.ready.load(Ordering::Relaxed) && metrics.healthy().0;
+            let body = if ready { "ok\n" } else { "not ready\n" };
+            (if ready { 200 } else { 503 }, "text/plain", body.into())
+        }
         (Endpoints::Health, "/healthz" | "/livez") | (Endpoints::Metrics, "/healthz") => {
             // kube-proxy's body: when the proxy last updated, and now.
             let (healthy, last) = metrics.healthy();

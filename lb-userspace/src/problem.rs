@@ -32,6 +32,18 @@ impl Invalid {
             Invalid::Capacity(_) => "capacity",
         }
     }
+
+    /// The `reason` of the Kubernetes Event on the object.
+    pub fn event_reason(&self) -> &'static str {
+        match self {
+            Invalid::Parse(_) => "ParseError",
+            Invalid::Ip(_) => "InvalidIP",
+            Invalid::Port(_) => "InvalidPort",
+            Invalid::Protocol(_) => "UnknownProtocol",
+            Invalid::Unsupported(_) => "Unsupported",
+            Invalid::Capacity(_) => "OverCapacity",
+        }
+    }
 }
 
 /// One skipped object (or part of one).

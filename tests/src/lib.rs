@@ -2,6 +2,7 @@
 //! datapath to run them through (BPF_PROG_TEST_RUN), and the privilege
 //! check every kernel test starts with.
 
+pub mod api_double;
 pub mod checksum;
 pub mod cluster;
 pub mod echo;

@@ -2,6 +2,7 @@
 //! produces the same [`Snapshot`].
 
 pub mod file;
+pub mod kube;
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -11,7 +12,7 @@ use k8s_openapi::api::{
 use crate::problem::Problem;
 
 /// Everything the model needs, as the source last saw it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,

@@ -1,0 +1,124 @@
+//! The kube source against the in-process API server double
+//! (`xlb_tests::api_double`): after each step — first list, watch events
+//! that add, modify and delete objects, bookmarks, a dropped watch
+//! connection, a 410 Gone that forces a re-list, an outage — the snapshot
+//! it holds equals the file source's snapshot of the same YAML fixtures
+//! (the golden tests' own).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::ensure;
+use lb_userspace::source::{
+    Snapshot, file,
+    kube::{self, KubeSource, as_stored},
+};
+use xlb_tests::{api_double::ApiDouble, cluster::eventually};
+
+const NODE: &str = "node1";
+
+/// A golden fixture's YAML.
+fn fixture(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../lb-userspace/tests/golden")
+        .join(format!("{name}.yaml"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// What the file source makes of `yaml`, as the kube source stores it.
+fn file_snapshot(yaml: &str) -> Snapshot {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("objects.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let snapshot = file::read(&path);
+    assert_eq!(snapshot.problems, vec![], "fixtures the API would accept");
+    as_stored(snapshot, NODE)
+}
+
+/// Waits until the source holds exactly what the file source reads from
+/// `yaml`.
+fn converges(source: &KubeSource, yaml: &str, step: &str) {
+    let want = file_snapshot(yaml);
+    eventually(step, Duration::from_secs(10), || {
+        ensure!(source.shared.synced(), "not synced");
+        let got = source.shared.snapshot();
+        ensure!(
+            got == want,
+            "{} services, {} slices, {} nodes held; want {}, {}, {}",
+            got.services.len(),
+            got.endpoint_slices.len(),
+            got.nodes.len(),
+            want.services.len(),
+            want.endpoint_slices.len(),
+            want.nodes.len()
+        );
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn start(api: &ApiDouble) -> (KubeSource, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    (kube::start(Some(&kubeconfig), NODE).unwrap(), dir)
+}
+
+#[test]
+fn the_kube_source_holds_what_the_file_source_reads_through_every_api_event() {
+    let api = ApiDouble::start().unwrap();
+    let existing = [
+        "clusterip-basic",
+        "etp-local-with-local-endpoint",
+        "multiport-named-targetport",
+        "topology-mode-auto",
+        "type-loadbalancer",
+        "itp-local",
+    ];
+
+    // The first list.
+    api.replace_all(&fixture(existing[0])).unwrap();
+    let (source, _dir) = start(&api);
+    converges(&source, &fixture(existing[0]), "first list");
+    assert_eq!(api.service_lists(), 1);
+
+    // Watch events: the next fixture adds, modifies and deletes objects.
+    api.replace_all(&fixture(existing[1])).unwrap();
+    converges(&source, &fixture(existing[1]), "watch events");
+
+    // Bookmarks flow on an idle watch; the next change still arrives on it
+    // (no re-list).
+    std::thread::sleep(Duration::from_millis(600));
+    api.replace_all(&fixture(existing[2])).unwrap();
+    converges(&source, &fixture(existing[2]), "after bookmarks");
+    assert_eq!(api.service_lists(), 1, "no re-list while the watch lives");
+
+    // A dropped connection: the watch resumes from its version, changes
+    // made meanwhile arrive.
+    api.drop_watches();
+    api.replace_all(&fixture(existing[3])).unwrap();
+    converges(&source, &fixture(existing[3]), "dropped watch");
+
+    // 410 Gone: the log is compacted and the watch dropped; the client's
+    // version is too old, so it re-lists.
+    api.replace_all(&fixture(existing[4])).unwrap();
+    api.compact();
+    api.drop_watches();
+    converges(&source, &fixture(existing[4]), "after 410");
+    eventually("re-listed after 410", Duration::from_secs(10), || {
+        ensure!(api.gone_answers() >= 1 && api.service_lists() >= 2);
+        Ok(())
+    })
+    .unwrap();
+
+    // An outage: the source keeps the last state, then catches up.
+    api.set_down(true);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        source.shared.snapshot(),
+        file_snapshot(&fixture(existing[4])),
+        "the last good state is kept while the API server is down"
+    );
+    api.replace_all(&fixture(existing[5])).unwrap();
+    api.set_down(false);
+    converges(&source, &fixture(existing[5]), "after the outage");
+}
