@@ -11,6 +11,9 @@
 //! every open watch, or take the whole server down (503) and back. Objects
 //! come from the same YAML the file source reads.
 //!
+//! Clients may also create `events.k8s.io/v1` Events, which it keeps for the
+//! test to read.
+//!
 //! What it is not: no authentication, admission, validation, pagination,
 //! protobuf, or any other resource; each request is one connection.
 
@@ -86,6 +89,10 @@ struct State {
     lists: BTreeMap<Resource, u64>,
     /// ERROR 410 answers sent.
     gone: u64,
+    /// Requests refused while down.
+    refused: u64,
+    /// Events clients created or patched (`events.k8s.io/v1`), in order.
+    events: Vec<Value>,
 }
 
 /// The running double; stops serving when dropped.
@@ -199,6 +206,16 @@ impl ApiDouble {
         self.with_state(|state| state.lists.get(&Resource::Services).copied().unwrap_or(0))
     }
 
+    /// The Events clients wrote, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        self.with_state(|state| state.events.clone())
+    }
+
+    /// How many requests were refused (503) while down.
+    pub fn refused(&self) -> u64 {
+        self.with_state(|state| state.refused)
+    }
+
     /// How many watches were answered with 410 Gone.
     pub fn gone_answers(&self) -> u64 {
         self.with_state(|state| state.gone)
@@ -262,23 +279,35 @@ fn record(state: &mut State, resource: Resource, event: &'static str, mut object
     object
 }
 
-/// A parsed request line: path and query parameters.
+/// A parsed request: method, path, query parameters and body.
 struct Request {
+    method: String,
     path: String,
     query: BTreeMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn read_request(stream: &TcpStream) -> Result<Request> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let target = line.split_whitespace().nth(1).context("request target")?;
+    let mut words = line.split_whitespace();
+    let method = words.next().context("method")?.to_owned();
+    let target = words.next().context("request target")?;
+    let mut content_length = 0;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            content_length = value.trim().parse()?;
+        }
     }
+    let mut body = vec![0; content_length];
+    std::io::Read::read_exact(&mut reader, &mut body)?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let query = query
         .split('&')
@@ -286,8 +315,10 @@ fn read_request(stream: &TcpStream) -> Result<Request> {
         .map(|(k, v)| (k.to_owned(), v.replace("%3D", "=").replace("%3d", "=")))
         .collect();
     Ok(Request {
+        method,
         path: path.to_owned(),
         query,
+        body,
     })
 }
 
@@ -317,10 +348,23 @@ fn handle(stream: TcpStream, shared: &(Mutex<State>, Condvar)) -> Result<()> {
     let request = read_request(&stream)?;
     let (lock, wake) = shared;
     if lock.lock().unwrap().down {
+        lock.lock().unwrap().refused += 1;
         return respond(
             &stream,
             "503 Service Unavailable",
             &status(503, "ServiceUnavailable", "down"),
+        );
+    }
+    if request.method != "GET" {
+        if request.path.starts_with("/apis/events.k8s.io/v1/") {
+            let event: Value = serde_json::from_slice(&request.body)?;
+            lock.lock().unwrap().events.push(event.clone());
+            return respond(&stream, "201 Created", &event);
+        }
+        return respond(
+            &stream,
+            "405 Method Not Allowed",
+            &status(405, "MethodNotAllowed", "read-only"),
         );
     }
     let Some(resource) = Resource::of_path(&request.path) else {

@@ -329,9 +329,26 @@ impl Cluster {
             .join(format!("agent-{}.log", self.nodes[node].name))
     }
 
-    /// Starts node `node`'s agent and waits until it attached every pod of
-    /// the node.
+    /// Starts node `node`'s agent on the manifests directory and waits until
+    /// it attached every pod of the node.
     pub fn start_agent(&mut self, node: usize, extra_args: &[&str]) -> Result<()> {
+        let manifests = self.manifests();
+        let source = [
+            "--source",
+            "file",
+            "--manifests",
+            manifests.to_str().context("utf-8")?,
+        ];
+        self.start_agent_with_source(node, &source, extra_args)
+    }
+
+    /// [`Self::start_agent`] with other `--source` arguments.
+    pub fn start_agent_with_source(
+        &mut self,
+        node: usize,
+        source: &[&str],
+        extra_args: &[&str],
+    ) -> Result<()> {
         let host = &self.nodes[node];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -340,8 +357,8 @@ impl Cluster {
         let child = host
             .ns
             .command(xlb_bin().to_str().context("utf-8 path")?)
-            .args(["agent", "--source", "file", "--manifests"])
-            .arg(self.manifests())
+            .arg("agent")
+            .args(source)
             .args(["--node-name", &host.name, "--zone", &host.zone])
             .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
             .arg(&host.bpffs)
