@@ -9,17 +9,58 @@ use anyhow::{Context, Result, bail};
 use crate::cmd::{self, exec, output, privileged, tools_dir};
 
 /// Debian packages: network tooling for the netns tests and the demo,
-/// bpftool for inspection, iptables/nftables for the benchmark baselines.
+/// bpftool for inspection, iptables/nftables for the benchmark baselines,
+/// shellcheck and Python's venv for the manifest checks.
 const APT_PACKAGES: &[&str] = &[
-    "iproute2", "ethtool", "bpftool", "tcpdump", "iptables", "nftables", "procps",
+    "iproute2",
+    "ethtool",
+    "bpftool",
+    "tcpdump",
+    "iptables",
+    "nftables",
+    "procps",
+    "shellcheck",
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// PyPI tools of the manifest checks, pinned.
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30"];
 
 pub fn run() -> Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
+    python_tools()?;
     eprintln!("setup: done");
+    Ok(())
+}
+
+/// The virtualenv holding [`PYTHON_TOOLS`].
+pub fn venv_bin(tool: &str) -> std::path::PathBuf {
+    tools_dir().join("venv/bin").join(tool)
+}
+
+fn python_tools() -> Result<()> {
+    let stamp = tools_dir().join("venv.stamp");
+    let wanted = PYTHON_TOOLS.join("\n");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {} in a virtualenv",
+        PYTHON_TOOLS.join(" ")
+    );
+    exec(
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(tools_dir().join("venv")),
+    )?;
+    exec(
+        Command::new(venv_bin("pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(PYTHON_TOOLS),
+    )?;
+    fs::write(stamp, wanted)?;
     Ok(())
 }
 

@@ -1,7 +1,9 @@
 //! `cargo xtask test` and the benchmark drivers.
 
 use std::{
+    fs,
     io::{BufRead, BufReader},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -9,7 +11,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     build,
-    cmd::{cargo, exec, is_root},
+    cmd::{cargo, exec, is_root, output, root},
     setup,
 };
 
@@ -82,7 +84,73 @@ fn run_checks() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    deploy_checks()
+}
+
+/// The deployment: every kustomization under deploy/ renders
+/// (`kubectl kustomize`), every rendered object validates against the
+/// Kubernetes schemas (`kubernetes-validate --strict`) and passes the
+/// manifest security scanner (`checkov`, exceptions justified in the
+/// manifests), and every shell script passes `shellcheck`.
+fn deploy_checks() -> Result<()> {
+    let deploy = &root().join("deploy");
+    let rendered_dir = &root().join("target/deploy");
+    fs::create_dir_all(rendered_dir)?;
+    let mut scripts = Vec::new();
+    let mut rendered = Vec::new();
+    for dir in walk(deploy)? {
+        if dir.join("kustomization.yaml").is_file() {
+            let name = dir
+                .strip_prefix(deploy)?
+                .to_string_lossy()
+                .replace('/', "-");
+            let out = rendered_dir.join(format!("{name}.yaml"));
+            let yaml = output(Command::new("kubectl").arg("kustomize").arg(&dir))?;
+            fs::write(&out, yaml)?;
+            rendered.push(out);
+        }
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "sh") {
+                scripts.push(path);
+            }
+        }
+    }
+    if rendered.is_empty() {
+        bail!("no kustomization under deploy/");
+    }
+    exec(
+        Command::new(setup::venv_bin("kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .args(&rendered),
+    )?;
+    for file in &rendered {
+        exec(
+            Command::new(setup::venv_bin("checkov"))
+                .args(["--framework", "kubernetes", "--quiet", "--compact"])
+                .args(["--skip-download", "-f"])
+                .arg(file),
+        )?;
+    }
+    exec(Command::new("shellcheck").args(&scripts))
+}
+
+/// `dir` and every directory below it, sorted.
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut dirs = vec![dir.to_owned()];
+    let mut i = 0;
+    while i < dirs.len() {
+        let mut children: Vec<PathBuf> = fs::read_dir(&dirs[i])?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        children.sort();
+        dirs.extend(children);
+        i += 1;
+    }
+    Ok(dirs)
 }
 
 /// `cargo xtask bench datapath`.
