@@ -3,6 +3,7 @@
 //! check every kernel test starts with.
 
 pub mod api_double;
+pub mod baseline;
 pub mod checksum;
 pub mod cluster;
 pub mod echo;

@@ -22,6 +22,33 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// Runs a command with `input` on its standard input, failing with its
+/// output when it fails.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<Output> {
+    use std::{io::Write, process::Stdio};
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("stdin writer panicked"))??;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
 /// `ip` with the given words (split on whitespace).
 pub fn ip(args: &str) -> Result<Output> {
     run(Command::new("ip").args(args.split_whitespace()))
