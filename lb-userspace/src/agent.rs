@@ -169,7 +169,9 @@ pub fn run(config: Config) -> Result<(), Error> {
             last_resync = Instant::now();
         }
         if source.ready() && (last_version.as_ref() != Some(&version) || resync_due) {
+            let read_started = Instant::now();
             let snapshot = source.read();
+            let read_micros = read_started.elapsed().as_micros() as u64;
             let node = node_for(&config.node, &snapshot);
             let report = syncer.sync(&snapshot, &node);
             health_checks.sync(&report.health_checks, &node.ips);
@@ -184,6 +186,9 @@ pub fn run(config: Config) -> Result<(), Error> {
                 frontends = report.frontends,
                 backends = report.backends,
                 micros = report.duration.as_micros() as u64,
+                model_micros = report.model_duration.as_micros() as u64,
+                diff_micros = report.diff_duration.as_micros() as u64,
+                read_micros,
                 "synced"
             );
             last_version = Some(version);

@@ -33,7 +33,12 @@ pub struct SyncReport {
     pub new_problems: Vec<Problem>,
     pub frontends: usize,
     pub backends: usize,
+    /// The whole sync.
     pub duration: Duration,
+    /// Of which: applying the rules (model), comparing with the maps
+    /// (diff); the rest is map writes.
+    pub model_duration: Duration,
+    pub diff_duration: Duration,
     /// The healthCheckNodePorts this node must serve.
     pub health_checks: std::collections::BTreeMap<u16, crate::model::HealthCheck>,
 }
@@ -65,7 +70,9 @@ impl<D: Dataplane> Syncer<D> {
     pub fn sync(&mut self, snapshot: &Snapshot, node: &Node) -> SyncReport {
         let started = Instant::now();
         let (desired, mut problems) = model::desired(snapshot, node);
+        let model_duration = started.elapsed();
         let (ops, capacity) = diff(&desired, &self.mirror);
+        let diff_duration = started.elapsed() - model_duration;
         problems.extend(capacity);
         let mut writes = 0;
         let forget = affinity_to_forget(&ops, &self.mirror);
@@ -100,6 +107,8 @@ impl<D: Dataplane> Syncer<D> {
             frontends: self.mirror.frontends.len(),
             backends: self.mirror.backends.len(),
             duration: started.elapsed(),
+            model_duration,
+            diff_duration,
             health_checks: desired.health_checks,
         }
     }

@@ -416,6 +416,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// The process id of node `node`'s agent, while it runs.
+    pub fn agent_pid(&self, node: usize) -> Option<u32> {
+        self.agents[node].as_ref().map(Child::id)
+    }
+
     /// `kill -9` of node `node`'s agent.
     pub fn kill_agent(&mut self, node: usize) -> Result<()> {
         if let Some(mut child) = self.agents[node].take() {

@@ -4,6 +4,7 @@
 
 pub mod api_double;
 pub mod baseline;
+pub mod bench_e2e;
 pub mod checksum;
 pub mod cluster;
 pub mod echo;

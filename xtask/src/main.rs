@@ -50,6 +50,27 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// Real connections through xlb, kube-proxy's iptables and nftables
+    /// rules, and no load balancer, at 100 to 30,000 Services
+    /// (target/bench/e2e.json). Arguments go to the benchmark (--modes,
+    /// --scales, --duration-ms, --repeats, --workers).
+    E2e {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Control-plane cost: cold sync and one endpoint change for xlb,
+    /// iptables-restore and nft, at the same scales (target/bench/sync.json).
+    Sync {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Plots and a Markdown table from target/bench/{e2e,sync}.json into
+    /// docs/bench/.
+    Report,
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 fn main() -> Result<()> {
@@ -59,8 +80,11 @@ fn main() -> Result<()> {
         Task::Build => build::all(),
         Task::Test { args } => test::run(&args),
         Task::Demo => test::demo(),
-        Task::Bench {
-            which: Bench::Datapath { repeat },
-        } => test::bench_datapath(repeat),
+        Task::Bench { which } => match which {
+            Bench::Datapath { repeat } => test::bench_datapath(repeat),
+            Bench::E2e { args } => test::bench("bench-e2e", &strs(&args)),
+            Bench::Sync { args } => test::bench("bench-sync", &strs(&args)),
+            Bench::Report => test::bench_report(),
+        },
     }
 }

@@ -10,7 +10,8 @@ use crate::cmd::{self, exec, output, privileged, tools_dir};
 
 /// Debian packages: network tooling for the netns tests and the demo,
 /// bpftool for inspection, iptables/nftables for the benchmark baselines,
-/// shellcheck and Python's venv for the manifest checks.
+/// shellcheck and Python's venv for the manifest checks, a font for the
+/// benchmark plots.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "shellcheck",
     "python3-venv",
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// PyPI tools of the manifest checks, pinned.

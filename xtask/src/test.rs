@@ -155,9 +155,35 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// `cargo xtask bench datapath`.
 pub fn bench_datapath(repeat: u32) -> Result<()> {
+    bench("bench-datapath", &["--repeat", &repeat.to_string()])
+}
+
+/// Runs the benchmark binary `bin` of the tests crate (release, as root)
+/// with `args`, after set-up and a release build of xlb (which the
+/// end-to-end benchmarks start as agents).
+pub fn bench(bin: &str, args: &[&str]) -> Result<()> {
     setup::run()?;
-    build::ebpf()?;
-    exec(with_root_runner(
+    build::all()?;
+    exec(
+        with_root_runner(cargo().args([
+            "run",
+            "--release",
+            "--package",
+            "xlb-tests",
+            "--bin",
+            bin,
+            "--",
+        ]))
+        .args(args)
+        .env("XLB_BIN", crate::cmd::root().join("target/release/xlb"))
+        .current_dir(crate::cmd::root()),
+    )
+}
+
+/// `cargo xtask bench report`: plots and tables from the benchmarks' JSON.
+pub fn bench_report() -> Result<()> {
+    setup::run()?;
+    exec(
         cargo()
             .args([
                 "run",
@@ -165,13 +191,10 @@ pub fn bench_datapath(repeat: u32) -> Result<()> {
                 "--package",
                 "xlb-tests",
                 "--bin",
-                "bench-datapath",
-                "--",
+                "bench-report",
             ])
-            .args(["--repeat", &repeat.to_string()])
-            .arg("--out")
-            .arg(crate::cmd::root().join("target/bench/datapath.json")),
-    ))
+            .current_dir(crate::cmd::root()),
+    )
 }
 
 /// `cargo xtask demo`.

@@ -1,0 +1,129 @@
+//! `cargo xtask bench e2e`: real connections through each mode — no load
+//! balancer ("direct", the ceiling), kube-proxy's iptables rules, its
+//! nftables rules, xlb — on the netns cluster of the end-to-end tests, at
+//! several numbers of Services (10 endpoints each) with the measured
+//! Service last. Per point: new-connection rate and connect latency
+//! (short-lived TCP connections), keep-alive request rate, UDP request
+//! rate; each repeated, reported as median, min and max in
+//! `target/bench/e2e.json`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use xlb_tests::{
+    bench_e2e::{self, Mode, Row},
+    privilege::has_root,
+};
+
+struct Args {
+    modes: Vec<Mode>,
+    scales: Vec<u32>,
+    duration: Duration,
+    repeats: usize,
+    workers: usize,
+    /// A mode whose rules take longer than this to program skips the
+    /// larger scales ("where the mode survives it").
+    setup_limit: Duration,
+    out: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let mut args = Args {
+        modes: vec![Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Xlb],
+        scales: vec![100, 1_000, 10_000, 30_000],
+        duration: Duration::from_secs(2),
+        repeats: 3,
+        workers: 4,
+        setup_limit: Duration::from_secs(120),
+        out: PathBuf::from("target/bench/e2e.json"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--modes" => {
+                args.modes = value()?
+                    .split(',')
+                    .map(Mode::parse)
+                    .collect::<Result<_>>()?
+            }
+            "--scales" => {
+                args.scales = value()?
+                    .split(',')
+                    .map(|s| s.parse().context("--scales"))
+                    .collect::<Result<_>>()?
+            }
+            "--duration-ms" => args.duration = Duration::from_millis(value()?.parse()?),
+            "--repeats" => args.repeats = value()?.parse()?,
+            "--workers" => args.workers = value()?.parse()?,
+            "--setup-limit-s" => args.setup_limit = Duration::from_secs(value()?.parse()?),
+            "--out" => args.out = value()?.into(),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> Result<()> {
+    let args = args()?;
+    if !has_root("bench-e2e") {
+        bail!("the end-to-end benchmark needs root");
+    }
+    let mut rows = Vec::new();
+    for &mode in &args.modes {
+        for &scale in &args.scales {
+            let services = if mode == Mode::Direct { 0 } else { scale };
+            let (mut cluster, _servers) = bench_e2e::cluster()?;
+            let list = bench_e2e::services(&cluster, services);
+            let setup = bench_e2e::program(&mut cluster, mode, &list)
+                .with_context(|| format!("{} at {scale} Services", mode.name()))?;
+            eprintln!(
+                "{} with {scale} Services: programmed in {:.1?}",
+                mode.name(),
+                setup
+            );
+            let targets = bench_e2e::targets(&cluster, mode);
+            let client = cluster.pod("client");
+            let (mut rate, mut p50, mut p99, mut kept, mut udp) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            for _ in 0..args.repeats {
+                let (r, l50, l99) =
+                    client.run(|| bench_e2e::connections(&targets, args.workers, args.duration))?;
+                rate.push(r);
+                p50.push(l50);
+                p99.push(l99);
+                kept.push(
+                    client.run(|| bench_e2e::keepalive(&targets, args.workers, args.duration))?,
+                );
+                udp.push(client.run(|| bench_e2e::udp(&targets, args.workers, args.duration))?);
+            }
+            rows.extend([
+                Row::of(mode, scale, "new_conn_rate", "conn/s", &rate),
+                Row::of(mode, scale, "connect_p50", "us", &p50),
+                Row::of(mode, scale, "connect_p99", "us", &p99),
+                Row::of(mode, scale, "keepalive_rate", "req/s", &kept),
+                Row::of(mode, scale, "udp_rate", "req/s", &udp),
+            ]);
+            for row in &rows[rows.len() - 5..] {
+                eprintln!(
+                    "  {:<15} {:>10.0} {} (min {:.0}, max {:.0})",
+                    row.metric, row.median, row.unit, row.min, row.max
+                );
+            }
+            if setup > args.setup_limit {
+                eprintln!(
+                    "{}: programming took longer than {:?}, larger scales skipped",
+                    mode.name(),
+                    args.setup_limit
+                );
+                break;
+            }
+        }
+    }
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&rows)?)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! `cargo xtask bench report`: `target/bench/{e2e,sync}.json` → PNG plots
+//! and `report.md` (tables, the machine) in `docs/bench/`, which the README
+//! links.
+
+use std::{collections::BTreeMap, fmt::Write, path::Path};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::Deserialize;
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const MODES: [&str; 4] = ["direct", "iptables", "nftables", "xlb"];
+
+#[derive(Deserialize, Clone)]
+struct Row {
+    mode: String,
+    services: u32,
+    metric: String,
+    median: f64,
+    min: f64,
+    max: f64,
+    unit: String,
+}
+
+fn read(path: &Path) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn color(mode: &str) -> RGBColor {
+    match mode {
+        "direct" => RGBColor(120, 120, 120),
+        "iptables" => RGBColor(214, 39, 40),
+        "nftables" => RGBColor(255, 127, 14),
+        _ => RGBColor(31, 119, 180),
+    }
+}
+
+/// One plot: `metric` of every mode against the number of Services; with
+/// `log_y` the values are drawn on a logarithmic scale (as log10, labelled
+/// with the values).
+fn plot(rows: &[Row], metric: &str, title: &str, log_y: bool, out: &Path) -> Result<()> {
+    let scale = |v: f64| if log_y { v.max(1e-3).log10() } else { v };
+    let rows: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.metric == metric)
+        .map(|r| Row {
+            median: scale(r.median),
+            min: scale(r.min),
+            max: scale(r.max),
+            ..r.clone()
+        })
+        .collect();
+    let points: Vec<&Row> = rows.iter().collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let unit = points[0].unit.clone();
+    let ymin = if log_y {
+        points
+            .iter()
+            .map(|r| r.min)
+            .fold(f64::INFINITY, f64::min)
+            .floor()
+    } else {
+        0.0
+    };
+    let ymax = if log_y {
+        points
+            .iter()
+            .map(|r| r.max)
+            .fold(f64::NEG_INFINITY, f64::max)
+            .ceil()
+    } else {
+        points.iter().map(|r| r.max).fold(0.0, f64::max) * 1.1
+    };
+    let root = BitMapBackend::new(out, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((80f64..40_000f64).log_scale(), ymin..ymax.max(ymin + 1.0))?;
+    let y_label = |y: &f64| {
+        if log_y { fmt(10f64.powf(*y)) } else { fmt(*y) }
+    };
+    chart
+        .configure_mesh()
+        .x_desc("Services (10 endpoints each)")
+        .y_desc(if log_y {
+            format!("{unit} (log scale)")
+        } else {
+            unit
+        })
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&y_label)
+        .draw()?;
+    for mode in MODES {
+        let mut series: Vec<&Row> = points.iter().copied().filter(|r| r.mode == mode).collect();
+        series.sort_by_key(|r| r.services);
+        if series.is_empty() {
+            continue;
+        }
+        let c = color(mode);
+        chart
+            .draw_series(LineSeries::new(
+                series.iter().map(|r| (f64::from(r.services), r.median)),
+                c.stroke_width(2),
+            ))?
+            .label(mode)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        // Min–max of the repeats as a vertical bar at each point.
+        chart.draw_series(series.iter().map(|r| {
+            PathElement::new(
+                vec![
+                    (f64::from(r.services), r.min),
+                    (f64::from(r.services), r.max),
+                ],
+                c.stroke_width(1),
+            )
+        }))?;
+        chart.draw_series(
+            series
+                .iter()
+                .map(|r| Circle::new((f64::from(r.services), r.median), 4, c.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// A Markdown table: one row per (metric, Services), one column per mode.
+fn table(rows: &[Row], metrics: &[(&str, &str)]) -> String {
+    let modes: Vec<&str> = MODES
+        .iter()
+        .copied()
+        .filter(|m| rows.iter().any(|r| r.mode == *m))
+        .collect();
+    let mut out = format!("| metric | Services | {} |\n|---|---:|", modes.join(" | "));
+    out.push_str(&"---:|".repeat(modes.len()));
+    out.push('\n');
+    for (metric, label) in metrics {
+        let mut by_scale: BTreeMap<u32, BTreeMap<&str, &Row>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| r.metric == *metric) {
+            by_scale.entry(r.services).or_default().insert(&r.mode, r);
+        }
+        for (scale, cells) in by_scale {
+            let unit = cells.values().next().map(|r| r.unit.as_str()).unwrap_or("");
+            write!(out, "| {label} ({unit}) | {scale} |").unwrap();
+            for mode in &modes {
+                match cells.get(mode) {
+                    Some(r) => write!(out, " {} ({}–{}) |", fmt(r.median), fmt(r.min), fmt(r.max)),
+                    None => write!(out, " — |"),
+                }
+                .unwrap();
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    format!("{cpus} vCPUs ({model}), Linux {}", kernel.trim())
+}
+
+fn main() -> Result<()> {
+    let font = std::fs::read(FONT).with_context(|| format!("{FONT} (fonts-dejavu-core)"))?;
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("{FONT}: not a font"))?;
+    let out = Path::new("docs/bench");
+    std::fs::create_dir_all(out)?;
+    let e2e = read(Path::new("target/bench/e2e.json"))?;
+    let sync = read(Path::new("target/bench/sync.json"))?;
+    for (metric, title) in [
+        (
+            "new_conn_rate",
+            "New TCP connections per second (higher is better)",
+        ),
+        ("connect_p50", "Connect latency p50 (lower is better)"),
+        ("connect_p99", "Connect latency p99 (lower is better)"),
+        (
+            "keepalive_rate",
+            "Requests per second, kept-alive TCP (higher is better)",
+        ),
+        ("udp_rate", "UDP requests per second (higher is better)"),
+    ] {
+        plot(
+            &e2e,
+            metric,
+            title,
+            false,
+            &out.join(format!("e2e-{metric}.png")),
+        )?;
+    }
+    for (metric, title) in [
+        (
+            "cold_sync",
+            "Cold sync: manifests written → last Service served (lower is better)",
+        ),
+        (
+            "endpoint_change",
+            "One endpoint change programmed (lower is better)",
+        ),
+    ] {
+        plot(
+            &sync,
+            metric,
+            title,
+            true,
+            &out.join(format!("sync-{metric}.png")),
+        )?;
+    }
+    let mut md = format!(
+        "# Benchmark report\n\nOne run of `cargo xtask bench e2e`, `cargo xtask bench sync` and `cargo xtask bench report` on {}: one shared VM, so every figure is noisy (repeats as min–max), and client, nodes and backends share its CPUs.\n\n## Data path (`e2e.json`)\n\nMedian (min–max) of the repeats.\n\n",
+        machine()
+    );
+    md.push_str(&table(
+        &e2e,
+        &[
+            ("new_conn_rate", "new connections"),
+            ("connect_p50", "connect p50"),
+            ("connect_p99", "connect p99"),
+            ("keepalive_rate", "kept-alive requests"),
+            ("udp_rate", "UDP requests"),
+        ],
+    ));
+    md.push_str("\n![](e2e-new_conn_rate.png)\n![](e2e-connect_p99.png)\n![](e2e-keepalive_rate.png)\n![](e2e-udp_rate.png)\n\n## Control plane (`sync.json`)\n\n`cold_sync`: for xlb, from writing the manifests to the last Service answering (file polling, YAML parsing, sync); for the rules, the `iptables-restore`/`nft -f` run. `cold_sync_agent`: the agent's own sync (model, diff, map writes). `cold_sync_read`: of the wall time, the file source reading the YAML. `endpoint_change`: xlb's agent time for one endpoint change (of which `_model` applies every rule to every Service again and `_diff` compares everything with the maps; the rest is the 3–4 map writes); kube-proxy's partial restore / incremental transaction. `endpoint_change_full`: a whole-table reload with that change.\n\n");
+    md.push_str(&table(
+        &sync,
+        &[
+            ("cold_sync", "cold sync"),
+            ("cold_sync_agent", "cold sync, agent"),
+            ("cold_sync_read", "cold sync, reading YAML"),
+            ("endpoint_change", "endpoint change"),
+            ("endpoint_change_model", "endpoint change, model"),
+            ("endpoint_change_diff", "endpoint change, diff"),
+            ("endpoint_change_full", "endpoint change, full reload"),
+            ("agent_rss", "agent memory"),
+        ],
+    ));
+    md.push_str("\n![](sync-cold_sync.png)\n![](sync-endpoint_change.png)\n");
+    std::fs::write(out.join("report.md"), md)?;
+    println!("wrote {}", out.join("report.md").display());
+    Ok(())
+}
