@@ -21,8 +21,9 @@ struct Args {
     duration: Duration,
     repeats: usize,
     workers: usize,
-    /// A mode whose rules take longer than this to program skips the
-    /// larger scales ("where the mode survives it").
+    /// A mode skips a larger scale when programming it, extrapolated
+    /// linearly from the current one, would take longer than this ("where
+    /// the mode survives it").
     setup_limit: Duration,
     out: PathBuf,
 }
@@ -34,7 +35,7 @@ fn args() -> Result<Args> {
         duration: Duration::from_secs(2),
         repeats: 3,
         workers: 4,
-        setup_limit: Duration::from_secs(120),
+        setup_limit: Duration::from_secs(180),
         out: PathBuf::from("target/bench/e2e.json"),
     };
     let mut it = std::env::args().skip(1);
@@ -71,7 +72,7 @@ fn main() -> Result<()> {
     }
     let mut rows = Vec::new();
     for &mode in &args.modes {
-        for &scale in &args.scales {
+        for (i, &scale) in args.scales.iter().enumerate() {
             let services = if mode == Mode::Direct { 0 } else { scale };
             let (mut cluster, _servers) = bench_e2e::cluster()?;
             let list = bench_e2e::services(&cluster, services);
@@ -110,20 +111,30 @@ fn main() -> Result<()> {
                     row.metric, row.median, row.unit, row.min, row.max
                 );
             }
-            if setup > args.setup_limit {
-                eprintln!(
-                    "{}: programming took longer than {:?}, larger scales skipped",
-                    mode.name(),
-                    args.setup_limit
-                );
-                break;
+            // Written after every point: a long run interrupted keeps
+            // what it measured.
+            write(&args.out, &rows)?;
+            if let Some(&next) = args.scales.get(i + 1) {
+                let expected = setup.mul_f64(f64::from(next) / f64::from(scale));
+                if expected > args.setup_limit {
+                    eprintln!(
+                        "{}: programming {next} Services would take about {expected:.0?}, more than {:?}: larger scales skipped",
+                        mode.name(),
+                        args.setup_limit
+                    );
+                    break;
+                }
             }
         }
     }
-    if let Some(dir) = args.out.parent() {
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn write(out: &std::path::Path, rows: &[Row]) -> Result<()> {
+    if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&rows)?)?;
-    println!("wrote {}", args.out.display());
+    std::fs::write(out, serde_json::to_string_pretty(rows)?)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask bench report`: `target/bench/{e2e,sync}.json` → PNG plots
-//! and `report.md` (tables, the machine) in `docs/bench/`, which the README
-//! links.
+//! and `report.md` (tables, the machine) in `docs/bench/`, and the same
+//! report in the README between its `bench-report` markers.
 
 use std::{collections::BTreeMap, fmt::Write, path::Path};
 
@@ -268,7 +268,41 @@ fn main() -> Result<()> {
         ],
     ));
     md.push_str("\n![](sync-cold_sync.png)\n![](sync-endpoint_change.png)\n");
-    std::fs::write(out.join("report.md"), md)?;
+    std::fs::write(out.join("report.md"), &md)?;
     println!("wrote {}", out.join("report.md").display());
+    embed_in_readme(&md)?;
+    Ok(())
+}
+
+/// Replaces what stands between the README's markers with the report (its
+/// headings one level down, its images under docs/bench/).
+fn embed_in_readme(report: &str) -> Result<()> {
+    const BEGIN: &str = "<!-- bench-report:begin -->";
+    const END: &str = "<!-- bench-report:end -->";
+    let readme = std::fs::read_to_string("README.md")?;
+    let (Some(begin), Some(end)) = (readme.find(BEGIN), readme.find(END)) else {
+        anyhow::bail!("README.md has no {BEGIN} … {END} markers");
+    };
+    let body: String = report
+        .lines()
+        .skip(1) // its own title
+        .map(|line| {
+            let line = line
+                .replace("](e2e-", "](docs/bench/e2e-")
+                .replace("](sync-", "](docs/bench/sync-");
+            match line.strip_prefix("## ") {
+                Some(heading) => format!("#### {heading}\n"),
+                None => format!("{line}\n"),
+            }
+        })
+        .collect();
+    let updated = format!(
+        "{}{BEGIN}\n{}{}",
+        &readme[..begin],
+        body.trim_start(),
+        &readme[end..]
+    );
+    std::fs::write("README.md", updated)?;
+    println!("updated README.md");
     Ok(())
 }
