@@ -18,21 +18,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install everything the build and tests need (idempotent): Debian
-    /// packages, rust-src, and bpf-linker built against rustc's own LLVM.
+    /// packages, rust-src, bpf-linker built against rustc's own LLVM, and
+    /// the manifest checkers in a Python virtualenv.
     Setup,
     /// Build the eBPF object (release, bpfel-unknown-none).
     BuildEbpf,
     /// Build the eBPF object, then `target/release/xlb` with it embedded.
     Build,
-    /// Set up, build, and run every check and test: fmt, clippy, unit,
-    /// packet (BPF_PROG_TEST_RUN) and end-to-end (netns) tests.
+    /// Set up, build, and run every check and test: fmt, clippy, the
+    /// deployment manifests, unit, packet (BPF_PROG_TEST_RUN) and
+    /// end-to-end (netns) tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// xlb's main job on this machine: a 2-node network-namespace cluster,
-    /// a ClusterIP Service over 3 echo pods, one agent per node, requests.
+    /// ClusterIP and NodePort Services over 3 echo pods, one agent per
+    /// node, requests from a pod and from outside.
     Demo,
     /// Run a benchmark and write its JSON under target/bench/.
     Bench {
@@ -65,7 +68,7 @@ enum Bench {
         args: Vec<String>,
     },
     /// Plots and a Markdown table from target/bench/{e2e,sync}.json into
-    /// docs/bench/.
+    /// docs/bench/ and the README.
     Report,
 }
 
