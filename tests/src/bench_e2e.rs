@@ -347,6 +347,23 @@ fn roundtrip(stream: &mut TcpStream) -> Result<()> {
     }
 }
 
+/// Runs `work(w)` on `workers` threads (of the calling thread's network
+/// namespace) and collects their results.
+fn per_worker<T: Send>(workers: usize, work: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let work = &work;
+                scope.spawn(move || work(w))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker"))
+            .collect()
+    })
+}
+
 /// Short-lived connections for `duration` from `workers` threads (of the
 /// calling thread's namespace): connection rate (per second) and connect
 /// latency percentiles (p50, p99, µs).
@@ -356,35 +373,22 @@ pub fn connections(
     duration: Duration,
 ) -> Result<(f64, f64, f64)> {
     let deadline = Instant::now() + duration;
-    let results: Vec<Result<Vec<u32>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                scope.spawn(move || -> Result<Vec<u32>> {
-                    let mut latencies = Vec::new();
-                    let mut i = w;
-                    while Instant::now() < deadline {
-                        let to = targets[i % targets.len()];
-                        i += 1;
-                        let start = Instant::now();
-                        let mut stream = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT)
-                            .with_context(|| format!("connect {to}"))?;
-                        latencies.push(start.elapsed().as_micros() as u32);
-                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                        roundtrip(&mut stream)?;
-                    }
-                    Ok(latencies)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker"))
-            .collect()
-    });
-    let mut all = Vec::new();
-    for result in results {
-        all.extend(result?);
-    }
+    let per_worker = per_worker(workers, |w| -> Result<Vec<u32>> {
+        let mut latencies = Vec::new();
+        let mut i = w;
+        while Instant::now() < deadline {
+            let to = targets[i % targets.len()];
+            i += 1;
+            let start = Instant::now();
+            let mut stream = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT)
+                .with_context(|| format!("connect {to}"))?;
+            latencies.push(start.elapsed().as_micros() as u32);
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            roundtrip(&mut stream)?;
+        }
+        Ok(latencies)
+    })?;
+    let mut all: Vec<u32> = per_worker.into_iter().flatten().collect();
     if all.is_empty() {
         bail!("no connection completed");
     }
@@ -400,65 +404,37 @@ pub fn connections(
 /// Requests per second over `workers` kept-alive connections.
 pub fn keepalive(targets: &[SocketAddrV4], workers: usize, duration: Duration) -> Result<f64> {
     let deadline = Instant::now() + duration;
-    let counts: Vec<Result<u64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                scope.spawn(move || -> Result<u64> {
-                    let to = targets[w % targets.len()];
-                    let mut stream = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT)?;
-                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                    stream.set_nodelay(true)?;
-                    let mut n = 0;
-                    while Instant::now() < deadline {
-                        roundtrip(&mut stream)?;
-                        n += 1;
-                    }
-                    Ok(n)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker"))
-            .collect()
-    });
-    let mut total = 0;
-    for count in counts {
-        total += count?;
-    }
-    Ok(total as f64 / duration.as_secs_f64())
+    let counts = per_worker(workers, |w| -> Result<u64> {
+        let to = targets[w % targets.len()];
+        let mut stream = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        let mut n = 0;
+        while Instant::now() < deadline {
+            roundtrip(&mut stream)?;
+            n += 1;
+        }
+        Ok(n)
+    })?;
+    Ok(counts.iter().sum::<u64>() as f64 / duration.as_secs_f64())
 }
 
 /// UDP requests per second from `workers` sockets (one flow each).
 pub fn udp(targets: &[SocketAddrV4], workers: usize, duration: Duration) -> Result<f64> {
     let deadline = Instant::now() + duration;
-    let counts: Vec<Result<u64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                scope.spawn(move || -> Result<u64> {
-                    let to = targets[w % targets.len()];
-                    let socket = UdpSocket::bind("0.0.0.0:0")?;
-                    socket.set_read_timeout(Some(IO_TIMEOUT))?;
-                    socket.connect(to)?;
-                    let mut buf = [0u8; 256];
-                    let mut n = 0;
-                    while Instant::now() < deadline {
-                        socket.send(b"hello")?;
-                        socket.recv(&mut buf).context("UDP reply")?;
-                        n += 1;
-                    }
-                    Ok(n)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker"))
-            .collect()
-    });
-    let mut total = 0;
-    for count in counts {
-        total += count?;
-    }
-    Ok(total as f64 / duration.as_secs_f64())
+    let counts = per_worker(workers, |w| -> Result<u64> {
+        let to = targets[w % targets.len()];
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+        socket.connect(to)?;
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        while Instant::now() < deadline {
+            socket.send(b"hello")?;
+            socket.recv(&mut buf).context("UDP reply")?;
+            n += 1;
+        }
+        Ok(n)
+    })?;
+    Ok(counts.iter().sum::<u64>() as f64 / duration.as_secs_f64())
 }

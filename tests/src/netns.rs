@@ -12,6 +12,11 @@ use anyhow::{Context, Result, bail};
 /// Runs a command, failing with its output when it fails.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    succeeded(cmd, out)
+}
+
+/// `out`, or an error with `cmd`'s standard error when it failed.
+fn succeeded(cmd: &Command, out: Output) -> Result<Output> {
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}\n{}",
@@ -39,14 +44,7 @@ pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<Output> {
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("stdin writer panicked"))??;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
+    succeeded(cmd, out)
 }
 
 /// `ip` with the given words (split on whitespace).
