@@ -182,3 +182,37 @@ fn a_full_affinity_map_evicts_and_never_refuses_a_flow() {
         "LRU kept the map near its capacity: {entries}"
     );
 }
+
+#[test]
+fn an_entry_outside_the_active_tier_is_not_honoured() {
+    require_root!();
+    let mut lb = TestLb::load();
+    let ids: Vec<u32> = BACKENDS
+        .iter()
+        .map(|b| lb.add_backend(b, PROTO_TCP))
+        .collect();
+    // Tier 0 (this zone) holds the first backend alone, in slot 0; tier 1
+    // (all) holds the three in slots 1–3.
+    let frontend = lb.add_frontend_full(VIP, PROTO_TCP, &[&ids[..1], &ids], 0, TIMEOUT_S);
+    // The client's entry names the third backend in slot 3: tier 1.
+    let entry = AffinityEntry {
+        last_used_ns: monotonic_coarse_ns(),
+        backend_id: ids[2],
+        slot: 3,
+    };
+    lb.maps
+        .affinity
+        .insert(key(frontend, "10.244.1.5"), entry, 0)
+        .unwrap();
+    assert_eq!(
+        connect(&mut lb, "10.244.1.5", 40000),
+        addr(BACKENDS[0]),
+        "the active tier wins over a stale choice in another tier"
+    );
+    let entry = lb
+        .maps
+        .affinity
+        .get(&key(frontend, "10.244.1.5"), 0)
+        .unwrap();
+    assert_eq!((entry.backend_id, entry.slot), (ids[0], 0), "re-recorded");
+}

@@ -7,7 +7,7 @@
 
 use lb_common::{
     CtEntry, CtKey, PROTO_TCP, PROTO_UDP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, backend_flags,
-    ct_flags, direction, frontend_flags, ipv4_raw, port_host, port_raw,
+    ct_flags, direction, frontend_flags, ipv4_raw, port_host, port_raw, scope,
 };
 use lb_userspace::datapath::program::{FROM_POD, NODEPORT_TC};
 use xlb_tests::{
@@ -15,8 +15,8 @@ use xlb_tests::{
     packet::{Packet, addr, flags, seen, with_ttl},
     require_root,
     test_lb::{
-        NODE_IP, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestLb, XDP_DROP, XDP_PASS,
-        XDP_TX,
+        FrontendSpec, NODE_IP, Outcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestLb, XDP_DROP,
+        XDP_PASS, XDP_TX,
     },
 };
 
@@ -386,4 +386,46 @@ fn a_ttl_that_runs_out_is_not_forwarded() {
     let (fate, _) = run(&mut lb, &node, Hook::Tc, &frame, node.ext);
     assert_eq!(fate, Fate::Dropped);
     assert_eq!(lb.counted(), vec![(Reason::DropTtlExceeded, 1)]);
+}
+
+#[test]
+fn client_ip_affinity_holds_among_local_endpoints_on_both_hooks() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    for hook in HOOKS {
+        let mut lb = TestLb::load();
+        // Local policy: this node's two endpoints are the only tier.
+        let locals: Vec<u32> = ["10.244.1.10:80", "10.244.1.11:80"]
+            .iter()
+            .map(|b| lb.add_backend_flagged(b, PROTO_TCP, backend_flags::LOCAL))
+            .collect();
+        let spec = FrontendSpec {
+            tiers: &[&locals],
+            flags: frontend_flags::DROP_WHEN_EMPTY,
+            affinity_timeout_s: 10_800,
+            scope: scope::EXTERNAL,
+        };
+        lb.add_frontend_spec(NODE_PORT, PROTO_TCP, &spec);
+        let chosen: std::collections::BTreeSet<_> = (0..20u16)
+            .map(|i| {
+                let client = format!("192.168.77.200:{}", 41_000 + i);
+                let frame = Packet::tcp(&client, NODE_PORT, flags::SYN).bytes();
+                let (fate, out) = run(&mut lb, &node, hook, &frame, node.ext);
+                assert_eq!(fate, Fate::Stack, "{hook:?}: DNAT to a local pod");
+                let got = seen(&out.frame);
+                assert_eq!(got.src, addr(&client), "{hook:?}: the client's own address");
+                got.dst
+            })
+            .collect();
+        assert_eq!(
+            chosen.len(),
+            1,
+            "{hook:?}: one backend for the client: {chosen:?}"
+        );
+        assert_eq!(
+            lb.maps.affinity.keys().count(),
+            1,
+            "{hook:?}: keyed by the client"
+        );
+    }
 }
