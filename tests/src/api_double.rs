@@ -89,6 +89,8 @@ struct State {
     lists: BTreeMap<Resource, u64>,
     /// ERROR 410 answers sent.
     gone: u64,
+    /// BOOKMARK events sent.
+    bookmarks: u64,
     /// Requests refused while down.
     refused: u64,
     /// Events clients created or patched (`events.k8s.io/v1`), in order.
@@ -214,6 +216,11 @@ impl ApiDouble {
     /// How many requests were refused (503) while down.
     pub fn refused(&self) -> u64 {
         self.with_state(|state| state.refused)
+    }
+
+    /// How many BOOKMARK events were sent.
+    pub fn bookmarks_sent(&self) -> u64 {
+        self.with_state(|state| state.bookmarks)
     }
 
     /// How many watches were answered with 410 Gone.
@@ -447,6 +454,7 @@ fn handle(stream: TcpStream, shared: &(Mutex<State>, Condvar)) -> Result<()> {
             let bookmark = json!({"type": "BOOKMARK", "object": {"apiVersion": api_version,
                 "kind": kind, "metadata": {"resourceVersion": since.to_string()}}});
             chunk(&stream, &bookmark)?;
+            lock.lock().unwrap().bookmarks += 1;
             last_bookmark = Instant::now();
         }
         if started.elapsed() >= timeout {

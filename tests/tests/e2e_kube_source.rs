@@ -5,17 +5,30 @@
 //! keeps serving the last good state through an API outage, catching up
 //! once the API is back.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::ensure;
 use xlb_tests::{
     api_double::ApiDouble,
-    cluster::eventually,
+    cluster::{Cluster, eventually},
     echo::tcp_request,
-    manifests::{Port, documents, service},
+    manifests::{Endpoint, Port, documents, endpoint_slice, service},
     require_root,
     scenario::{self, frontend},
 };
+
+const LATER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 77);
+
+/// The scenario's replicas as endpoints.
+fn replicas(cluster: &Cluster) -> Vec<Endpoint<'_>> {
+    scenario::REPLICAS
+        .iter()
+        .map(|(name, node)| Endpoint::ready(cluster.pod(name).ip, &cluster.nodes[*node].name))
+        .collect()
+}
 
 /// A Service the model rejects: its clusterIP is not an address.
 fn bad_service() -> String {
@@ -67,7 +80,27 @@ fn an_agent_on_the_api_serves_reports_and_survives_an_outage() {
         },
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Another change makes the agent sync again (a new Service, served);
+    // the rejected one stays rejected and gets no second Event.
+    let later = documents(&[
+        sample.clone(),
+        bad_service(),
+        service("later", LATER_IP, &[Port::tcp("", 80)], &["80"]),
+        endpoint_slice(
+            "later",
+            "later-1",
+            &[Port::tcp("", 80)],
+            &replicas(&cluster),
+        ),
+    ]);
+    api.replace_all(&later).unwrap();
+    let to_later = SocketAddrV4::new(LATER_IP, 80);
+    eventually(
+        "the later Service is served",
+        Duration::from_secs(10),
+        || client.run(|| tcp_request(to_later)),
+    )
+    .unwrap();
     let events = api.events();
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0]["regarding"]["kind"], "Service");
@@ -77,13 +110,20 @@ fn an_agent_on_the_api_serves_reports_and_survives_an_outage() {
 
     // The API goes away: the datapath keeps serving what it had.
     api.set_down(true);
+    eventually(
+        "the agent meets the outage",
+        Duration::from_secs(10),
+        || {
+            ensure!(api.refused() >= 3);
+            Ok(())
+        },
+    )
+    .unwrap();
     for _ in 0..10 {
         request().unwrap();
-        std::thread::sleep(Duration::from_millis(200));
     }
     let (status, _) = cluster.http_get(0, readyz, "/readyz").unwrap();
     assert_eq!(status, 200, "still ready: the datapath is complete");
-    assert!(api.refused() > 0, "the agent kept trying the API");
     // Meanwhile the Service is deleted; the agent learns it on return.
     api.replace_all(&bad_service()).unwrap();
     api.set_down(false);

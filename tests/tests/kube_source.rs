@@ -87,7 +87,16 @@ fn the_kube_source_holds_what_the_file_source_reads_through_every_api_event() {
 
     // Bookmarks flow on an idle watch; the next change still arrives on it
     // (no re-list).
-    std::thread::sleep(Duration::from_millis(600));
+    let before = api.bookmarks_sent();
+    eventually(
+        "bookmarks on the idle watches",
+        Duration::from_secs(10),
+        || {
+            ensure!(api.bookmarks_sent() >= before + 6);
+            Ok(())
+        },
+    )
+    .unwrap();
     api.replace_all(&fixture(existing[2])).unwrap();
     converges(&source, &fixture(existing[2]), "after bookmarks");
     assert_eq!(api.service_lists(), 1, "no re-list while the watch lives");
@@ -112,7 +121,15 @@ fn the_kube_source_holds_what_the_file_source_reads_through_every_api_event() {
 
     // An outage: the source keeps the last state, then catches up.
     api.set_down(true);
-    std::thread::sleep(Duration::from_millis(800));
+    eventually(
+        "the watchers meet the outage",
+        Duration::from_secs(10),
+        || {
+            ensure!(api.refused() >= 3);
+            Ok(())
+        },
+    )
+    .unwrap();
     assert_eq!(
         source.shared.snapshot(),
         file_snapshot(&fixture(existing[4])),
