@@ -73,6 +73,12 @@ from_pod() {
 
 fail() { echo "smoke: FAIL: $*" >&2; exit 1; }
 
+# The InternalIP of node $1.
+internal_ip() {
+    kubectl "${ctx[@]}" get node "$1" \
+        -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}'
+}
+
 spread=$(from_pod http://hello/hostname | wc -l)
 [ "$spread" -ge 2 ] || fail "ClusterIP: 20 requests reached $spread replica(s)"
 echo "smoke: ClusterIP spreads over $spread replicas"
@@ -81,8 +87,7 @@ sticky=$(from_pod http://hello-sticky/hostname | wc -l)
 [ "$sticky" -eq 1 ] || fail "ClientIP affinity: 20 requests reached $sticky replicas"
 echo "smoke: ClientIP affinity sticks to one replica"
 
-node_ip=$(kubectl "${ctx[@]}" get node "$cluster-worker" \
-    -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+node_ip=$(internal_ip "$cluster-worker")
 answers=$(for _ in $(seq 20); do curl -s --max-time 2 "http://$node_ip:30080/hostname"; echo; done | sort -u | wc -l)
 [ "$answers" -ge 2 ] || fail "NodePort from the host: $answers replica(s)"
 echo "smoke: NodePort from the host spreads over $answers replicas"
@@ -90,8 +95,7 @@ echo "smoke: NodePort from the host spreads over $answers replicas"
 # Local policy: ask a node that runs a replica; the replica must see this
 # host's own address on the kind network, not a node's.
 pod_node=$(kubectl "${ctx[@]}" -n "$ns" get pods -l app=hello -o jsonpath='{.items[0].spec.nodeName}')
-local_ip=$(kubectl "${ctx[@]}" get node "$pod_node" \
-    -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+local_ip=$(internal_ip "$pod_node")
 seen=$(curl -s --max-time 2 "http://$local_ip:30081/clientip" | cut -d: -f1)
 host_ip=$(ip -4 route get "$local_ip" | sed -n 's/.* src \([0-9.]*\).*/\1/p')
 [ "$seen" = "$host_ip" ] || fail "Local NodePort: the pod saw $seen, this host is $host_ip"
