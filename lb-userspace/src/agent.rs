@@ -36,7 +36,7 @@ enum Source {
 /// syncs.
 #[derive(PartialEq)]
 enum Version {
-    File(Vec<(PathBuf, u64, u64, i64, i64)>),
+    File(file::Fingerprint),
     Kube(u64),
 }
 

@@ -36,10 +36,12 @@ pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// What identifies the current contents of the manifests: each file's path,
-/// inode, size and modification time. An edit in place changes the time, an
-/// atomic rename-over changes the inode.
-pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, u64, i64, i64)> {
+/// Each manifest file's path, inode, size and modification time (s, ns).
+pub type Fingerprint = Vec<(PathBuf, u64, u64, i64, i64)>;
+
+/// What identifies the current contents of the manifests. An edit in place
+/// changes the time, an atomic rename-over changes the inode.
+pub fn fingerprint(path: &Path) -> Fingerprint {
     let files = manifest_files(path).unwrap_or_default();
     files
         .into_iter()
