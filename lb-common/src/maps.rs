@@ -36,8 +36,15 @@ pub const SOURCE_RANGES_MAX: u32 = 65_536;
 /// Per-CPU counters: [`crate::Reason`] as `u32` → [`crate::Counter`].
 pub const COUNTERS: &str = "XLB_COUNTERS";
 
+/// External interfaces whose XDP program may send frames back out itself
+/// (`XDP_TX`): ifindex (`u32`) → `u8` (unused, 1). Elsewhere XDP leaves
+/// those frames to TC, which forwards them through the stack.
+pub const XDP_TX_IFACES: &str = "XLB_XDP_TX_IFACES";
+/// Capacity of [`XDP_TX_IFACES`].
+pub const XDP_TX_IFACES_MAX: u32 = 256;
+
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
@@ -45,6 +52,7 @@ pub const ALL: [&str; 7] = [
     AFFINITY,
     SOURCE_RANGES,
     COUNTERS,
+    XDP_TX_IFACES,
 ];
 
 /// The global (`EbpfLoader::set_global`) holding the node address that

@@ -45,3 +45,8 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
 /// Packets and bytes per verdict/drop reason, per CPU.
 #[map(name = "XLB_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT as u32, 0);
+
+/// External interfaces where `nodeport_xdp` may answer with `XDP_TX`
+/// (ifindex → 1): where delivery of such frames is known to work.
+#[map(name = "XLB_XDP_TX_IFACES")]
+pub static XDP_TX_IFACES: HashMap<u32, u8> = HashMap::pinned(maps::XDP_TX_IFACES_MAX, 0);

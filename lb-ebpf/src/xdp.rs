@@ -10,6 +10,7 @@ use lb_common::Reason;
 
 use crate::{
     lb::{Translation, Verdict},
+    maps::XDP_TX_IFACES,
     nat,
     packet::{self, Flow, Packet},
     route::{self, NextHop},
@@ -53,8 +54,10 @@ fn translate(
         });
     }
     // Decide before touching the frame: what cannot go back out of this
-    // interface right now is TC's.
+    // interface right now, or not by XDP_TX, is TC's.
     let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: a plain value read at once.
+    unsafe { XDP_TX_IFACES.get(ifindex) }?;
     let after = translation.rewrite.apply_to(flow);
     let Some(NextHop::Resolved {
         ifindex: out,

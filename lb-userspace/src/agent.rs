@@ -21,6 +21,7 @@ use crate::{
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
     model::Node,
+    netif,
     problem::Problem,
     source::{Snapshot, file, kube::KubeSource},
     sync::Syncer,
@@ -112,6 +113,8 @@ pub struct Config {
     pub external_ifaces: Vec<String>,
     /// XDP mode on the external interfaces; `None`: TC only.
     pub xdp: Option<XdpMode>,
+    /// Where XDP may answer with `XDP_TX`.
+    pub xdp_tx: attach::XdpTx,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -130,11 +133,27 @@ pub fn run(config: Config) -> Result<(), Error> {
         ..Settings::default()
     };
     let mut datapath = Datapath::load(&config.bpffs, &settings)?;
+    let mut xdp_tx_interfaces = Vec::new();
     for interface in &config.external_ifaces {
         attach::attach_external(&mut datapath, interface, config.xdp)?;
-        info!(%interface, xdp = ?config.xdp, "attached north-south programs");
+        let Some(mode) = config.xdp else {
+            info!(%interface, "attached north-south programs: TC only");
+            continue;
+        };
+        let driver = netif::driver(interface).unwrap_or_default();
+        let tx = attach::uses_xdp_tx(config.xdp_tx, mode, &driver);
+        if tx {
+            xdp_tx_interfaces.push(interface.clone());
+        }
+        let actions = if tx {
+            "XDP_DROP, XDP_PASS, XDP_TX"
+        } else {
+            "XDP_DROP, XDP_PASS (frames to send back out go to TC)"
+        };
+        info!(%interface, %driver, ?mode, actions, "attached north-south programs: XDP in front of TC");
     }
-    let maps = datapath.take_maps()?;
+    let mut maps = datapath.take_maps()?;
+    attach::set_xdp_tx_interfaces(&mut maps.xdp_tx_ifaces, &xdp_tx_interfaces)?;
     let mut syncer = Syncer::new(maps)?;
     let source = Source::start(&config.source, &config.node.name)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()));

@@ -244,3 +244,73 @@ pub fn detach_all(bpffs: &Path) -> io::Result<usize> {
     }
     Ok(removed)
 }
+
+/// When `nodeport_xdp` may send a frame back out itself (`XDP_TX`) instead
+/// of leaving it to `nodeport_tc` (`--xdp-tx`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpTx {
+    /// Where delivery is known to work: everywhere but native XDP on a veth.
+    Auto,
+    /// Always (the user vouches for the interface).
+    On,
+    /// Never.
+    Off,
+}
+
+/// Whether `nodeport_xdp` in `mode` on an interface of `driver` uses
+/// `XDP_TX`. A veth delivers its XDP program's `XDP_TX` frames only when
+/// its peer runs an XDP program too (it wakes the peer's queue for them
+/// only then, `veth_xdp_flush` in drivers/net/veth.c), and the peer of a
+/// kind node's `eth0` runs none: there `Auto` leaves those frames to TC.
+/// Generic XDP transmits through the stack, which works on any device.
+pub fn uses_xdp_tx(setting: XdpTx, mode: XdpMode, driver: &str) -> bool {
+    match setting {
+        XdpTx::On => true,
+        XdpTx::Off => false,
+        XdpTx::Auto => !(matches!(mode, XdpMode::Driver) && driver == "veth"),
+    }
+}
+
+/// Records which external interfaces' XDP program may use `XDP_TX`
+/// (replacing what a previous agent recorded).
+pub fn set_xdp_tx_interfaces(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, u32, u8>,
+    interfaces: &[String],
+) -> Result<(), Error> {
+    let name = lb_common::maps::XDP_TX_IFACES;
+    let wanted: BTreeSet<u32> = interfaces.iter().filter_map(|i| ifindex(i)).collect();
+    let stale: Vec<u32> = map
+        .keys()
+        .flatten()
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    for ifindex in stale {
+        map.remove(&ifindex).map_err(Error::map(name))?;
+    }
+    for ifindex in wanted {
+        map.insert(ifindex, 1, 0).map_err(Error::map(name))?;
+    }
+    Ok(())
+}
+
+/// The index of interface `name` in this network namespace.
+fn ifindex(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_tx_is_left_to_tc_on_a_native_veth_unless_asked_for() {
+        assert!(!uses_xdp_tx(XdpTx::Auto, XdpMode::Driver, "veth"));
+        assert!(uses_xdp_tx(XdpTx::On, XdpMode::Driver, "veth"));
+        assert!(uses_xdp_tx(XdpTx::Auto, XdpMode::Skb, "veth"));
+        assert!(uses_xdp_tx(XdpTx::Auto, XdpMode::Driver, "mlx5_core"));
+        assert!(!uses_xdp_tx(XdpTx::Off, XdpMode::Driver, "mlx5_core"));
+    }
+}

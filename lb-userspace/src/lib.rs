@@ -7,7 +7,7 @@
 
 pub mod agent;
 pub mod attach;
-mod bpffs;
+pub mod bpffs;
 pub mod cleanup;
 pub mod clock;
 pub mod datapath;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    agent, cleanup,
+    agent, attach, cleanup,
     inspect::{self, Format},
     model::Node,
     netif,
@@ -66,6 +66,15 @@ enum XdpMode {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum XdpTxSetting {
+    /// Where delivery is known to work: not on a veth in native mode
+    /// (its peer must run XDP too).
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -108,6 +117,10 @@ struct AgentArgs {
     /// XDP mode on the external interfaces.
     #[arg(long, value_enum, default_value = "native")]
     xdp: XdpMode,
+    /// Whether XDP sends translated frames back out itself (XDP_TX) or
+    /// leaves them to TC.
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp_tx: XdpTxSetting,
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
@@ -219,6 +232,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         pod_ifaces,
         external_ifaces: args.external_ifaces,
         xdp,
+        xdp_tx: match args.xdp_tx {
+            XdpTxSetting::Auto => attach::XdpTx::Auto,
+            XdpTxSetting::On => attach::XdpTx::On,
+            XdpTxSetting::Off => attach::XdpTx::Off,
+        },
         bpffs: args.bpffs,
         metrics_addr: args.metrics_addr,
         healthz_addr: args.healthz_addr,

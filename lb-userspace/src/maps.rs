@@ -20,6 +20,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub counters: PerCpuArray<MapData, Counter>,
+    pub xdp_tx_ifaces: HashMap<MapData, u32, u8>,
 }
 
 impl Maps {
@@ -52,6 +53,7 @@ impl Maps {
             affinity: typed(maps::AFFINITY, open(maps::AFFINITY)?)?,
             source_ranges: typed(maps::SOURCE_RANGES, open(maps::SOURCE_RANGES)?)?,
             counters: typed(maps::COUNTERS, open(maps::COUNTERS)?)?,
+            xdp_tx_ifaces: typed(maps::XDP_TX_IFACES, open(maps::XDP_TX_IFACES)?)?,
         })
     }
 

@@ -118,7 +118,7 @@ impl Drop for BpffsMount {
 /// the bpffs and the manifests last.
 pub struct Cluster {
     agents: Vec<Option<Child>>,
-    /// XDP on the LAN side of the nodes' links, when the agents run XDP.
+    /// XDP on the LAN side of the nodes' links, in the `--xdp-tx on` set-up.
     lan_xdp: Option<lb_userspace::Datapath>,
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
@@ -128,6 +128,8 @@ pub struct Cluster {
     pub external: Netns,
     /// The agents' `--xdp` mode.
     xdp: &'static str,
+    /// The agents run with `--xdp-tx on`.
+    xdp_tx: bool,
     lan: Netns,
     _bpffs: BpffsMount,
     dir: tempfile::TempDir,
@@ -208,6 +210,7 @@ impl Cluster {
             nodes,
             external,
             xdp: "off",
+            xdp_tx: false,
             lan,
             _bpffs: bpffs,
             dir,
@@ -215,17 +218,22 @@ impl Cluster {
         })
     }
 
-    /// Agents started from now on run with `--xdp mode`.
-    ///
-    /// A veth delivers the frames its peer's XDP program sends back
-    /// (`XDP_TX`) only when it runs an XDP program itself: it wakes its
-    /// receive queue for them only then (`veth_xdp_flush` in
-    /// drivers/net/veth.c); a NIC has no such condition. So the LAN side of
-    /// each node's link gets one too: xlb's, with empty maps of its own,
-    /// which passes every frame.
-    pub fn set_xdp(&mut self, mode: &'static str) -> Result<()> {
+    /// Agents started from now on run with `--xdp mode` (and otherwise
+    /// default flags: on these veths, XDP leaves frames it would send back
+    /// out to TC, as on a kind node).
+    pub fn set_xdp(&mut self, mode: &'static str) {
         self.xdp = mode;
-        if mode == "off" || self.lan_xdp.is_some() {
+    }
+
+    /// The explicit `--xdp-tx on` set-up: agents started from now on send
+    /// translated frames back out with `XDP_TX`, and the LAN side of each
+    /// node's link runs an XDP program, which a veth needs before it
+    /// delivers its peer's `XDP_TX` frames (`veth_xdp_flush` in
+    /// drivers/net/veth.c; a NIC has no such condition). That program is
+    /// xlb's, with empty maps of its own: it passes every frame.
+    pub fn enable_xdp_tx(&mut self) -> Result<()> {
+        self.xdp_tx = true;
+        if self.lan_xdp.is_some() {
             return Ok(());
         }
         let settings = lb_userspace::datapath::Settings::default();
@@ -363,6 +371,11 @@ impl Cluster {
             .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
             .arg(&host.bpffs)
             .args(["--external-iface", "eth0", "--xdp", self.xdp])
+            .args(if self.xdp_tx {
+                &["--xdp-tx", "on"][..]
+            } else {
+                &[]
+            })
             .args([
                 "--metrics-addr",
                 "127.0.0.1:10249",

@@ -96,6 +96,15 @@ impl TestLb {
         id
     }
 
+    /// Lets `nodeport_xdp` answer with `XDP_TX` on interface `ifindex`, as
+    /// the agent does where that delivery works.
+    pub fn allow_xdp_tx(&mut self, ifindex: u32) {
+        self.maps
+            .xdp_tx_ifaces
+            .insert(ifindex, 1, 0)
+            .expect("insert XDP_TX interface");
+    }
+
     /// Removes a backend (its slots stay: the test decides).
     pub fn remove_backend(&mut self, id: u32) {
         self.maps.backends.remove(&id).expect("remove backend");

@@ -78,7 +78,7 @@ fn running_with_xdp(affinity: Option<u32>, xdp: &'static str) -> Cluster {
     cluster
         .write_manifest("sticky.yaml", &manifests(&cluster, affinity))
         .unwrap();
-    cluster.set_xdp(xdp).unwrap();
+    cluster.set_xdp(xdp);
     cluster.start_agents().unwrap();
     cluster
 }

@@ -71,8 +71,9 @@ fn service(
 }
 
 /// Two nodes, web-0 on node1, web-1 on node2, a client pod on node1, the
-/// Services above, and agents with `--xdp xdp`.
-fn cluster(xdp: &'static str) -> Cluster {
+/// Services above, and agents with `--xdp xdp` (and `--xdp-tx on`, in its
+/// set-up, when `xdp_tx`).
+fn cluster(xdp: &'static str, xdp_tx: bool) -> Cluster {
     let mut cluster = Cluster::new(&["zone-a", "zone-b"]).unwrap();
     cluster.add_pod(0, "web-0", &[TARGET_PORT]).unwrap();
     cluster.add_pod(1, "web-1", &[TARGET_PORT]).unwrap();
@@ -133,7 +134,10 @@ fn cluster(xdp: &'static str) -> Cluster {
     cluster
         .write_manifest("north-south.yaml", &manifests.join("---\n"))
         .unwrap();
-    cluster.set_xdp(xdp).unwrap();
+    cluster.set_xdp(xdp);
+    if xdp_tx {
+        cluster.enable_xdp_tx().unwrap();
+    }
     cluster.start_agents().unwrap();
     cluster
 }
@@ -207,8 +211,8 @@ fn xdp_tx_frames(cluster: &Cluster, node: usize) -> u64 {
         .sum()
 }
 
-fn north_south(xdp: &'static str) -> Cluster {
-    let cluster = cluster(xdp);
+fn north_south(xdp: &'static str, xdp_tx: bool) -> Cluster {
+    let cluster = cluster(xdp, xdp_tx);
     let node_ip = |node: usize| cluster.nodes[node].ip;
     let pod_node = |reply: &Reply| usize::from(reply.from == "web-1");
 
@@ -281,14 +285,31 @@ fn north_south(xdp: &'static str) -> Cluster {
 #[test]
 fn north_south_with_tc_only() {
     require_root!();
-    let cluster = north_south("off");
+    let cluster = north_south("off", false);
     assert_eq!(xdp_tx_frames(&cluster, 0), 0);
 }
 
+/// Default flags on a veth whose peer runs no XDP program (a kind node's
+/// `eth0`): XDP finishes drops and local DNAT, and leaves every frame it
+/// would send back out to TC, which serves it.
 #[test]
-fn north_south_with_xdp_native() {
+fn north_south_with_xdp_native_by_default() {
     require_root!();
-    let cluster = north_south("native");
+    let cluster = north_south("native", false);
+    assert_eq!(xdp_tx_frames(&cluster, 0), 0, "XDP_TX on a veth by default");
+    let log = cluster.agent_log(0);
+    assert!(
+        log.contains("driver=veth") && log.contains("frames to send back out go to TC"),
+        "the agent names the XDP actions it uses:\n{log}"
+    );
+}
+
+/// `--xdp-tx on`, with the LAN side of each veth running XDP (what a veth
+/// needs to deliver `XDP_TX` frames).
+#[test]
+fn north_south_with_xdp_tx() {
+    require_root!();
+    let cluster = north_south("native", true);
     // The fast path did send SNATed flows and their replies back out itself.
     assert!(xdp_tx_frames(&cluster, 0) > 0, "no XDP_TX on node1");
 }

@@ -55,8 +55,10 @@ fn fate(hook: Hook, verdict: u32) -> Fate {
     }
 }
 
-/// Runs `hook` on `frame` arriving on `ifindex`, in the node's namespace.
+/// Runs `hook` on `frame` arriving on `ifindex`, in the node's namespace,
+/// with `XDP_TX` allowed there.
 fn run(lb: &mut TestLb, node: &NodeNs, hook: Hook, frame: &[u8], ifindex: u32) -> (Fate, Outcome) {
+    lb.allow_xdp_tx(ifindex);
     let out = node
         .ns
         .enter(|| match hook {
@@ -111,6 +113,23 @@ fn key(src: &str, dst: &str, proto: u8, dir: u8) -> CtKey {
         direction: dir,
         pad: 0,
     }
+}
+
+/// Where `XDP_TX` is not allowed (a veth whose peer runs no XDP), the
+/// frames XDP would send back out reach TC untouched, and TC sends them.
+#[test]
+fn xdp_leaves_frames_to_send_back_out_to_tc_where_xdp_tx_is_not_allowed() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
+    let frame = Packet::tcp(CLIENT, NODE_PORT, flags::SYN).bytes();
+    let out = node.ns.enter(|| lb.run_xdp(&frame, node.ext)).unwrap();
+    assert_eq!(out.verdict, XDP_PASS);
+    assert_eq!(out.frame, frame, "untouched for TC");
+    assert_eq!(lb.counted(), vec![], "counted by TC, not twice");
+    let (fate, out) = run(&mut lb, &node, Hook::Tc, &frame, node.ext);
+    assert_eq!(fate, Fate::SentOut);
+    assert_eq!(seen(&out.frame).dst, addr(REMOTE));
 }
 
 #[test]

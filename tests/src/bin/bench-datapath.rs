@@ -293,6 +293,8 @@ fn main() -> Result<()> {
             ..Settings::default()
         });
         fill(&mut lb, frontends);
+        // The XDP_TX paths are measured where the agent allows them.
+        lb.allow_xdp_tx(node.ext);
         for path in paths() {
             let time = measure(&mut lb, &node, &path, repeat)?;
             rows.push(Row {
