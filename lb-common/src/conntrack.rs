@@ -39,8 +39,12 @@ pub mod ct_state {
     pub const NEW: u8 = 0;
     /// Packets beyond the opening SYN were seen.
     pub const ESTABLISHED: u8 = 1;
-    /// A FIN or RST was seen: the entry lives [`crate::CT_TIMEOUT_TCP_CLOSING_NS`] more.
+    /// Both directions sent their FIN, or one sent an RST: both entries of
+    /// the flow live [`crate::CT_TIMEOUT_TCP_CLOSING_NS`] more.
     pub const CLOSING: u8 = 2;
+    /// This entry's direction sent its FIN, the other has not yet (a
+    /// half-closed flow, which may still carry data the other way).
+    pub const FIN_SENT: u8 = 3;
 }
 
 /// Bits of [`CtEntry::flags`].
@@ -100,8 +104,10 @@ const SECOND_NS: u64 = 1_000_000_000;
 pub const CT_TIMEOUT_TCP_NEW_NS: u64 = 60 * SECOND_NS;
 /// An idle established TCP flow (kube-proxy sets netfilter's to 24 h).
 pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 24 * 3600 * SECOND_NS;
-/// A TCP flow after FIN or RST (netfilter's CLOSE/TIME_WAIT scale).
-pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * SECOND_NS;
+/// A TCP flow after both FINs or an RST: long enough for the last ACK and
+/// a retransmitted FIN, short enough that closed flows never crowd out live
+/// ones (at 30k new connections/s, ~120k entries).
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 2 * SECOND_NS;
 /// An idle UDP flow (netfilter's UDP stream timeout).
 pub const CT_TIMEOUT_UDP_NS: u64 = 120 * SECOND_NS;
 /// The source ports SNAT hands out (host order), kept above the kernel's

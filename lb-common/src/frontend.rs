@@ -81,8 +81,9 @@ map_type!(SlotKey, 8);
 
 /// Value of the backends map, keyed by a stable backend id (`u32`).
 ///
-/// Ids are never reused while a conntrack entry may still name them, so a
-/// flow whose backend was removed is noticed (lookup misses) and re-balanced.
+/// Ids are never reused while a conntrack entry may still name them; a
+/// backend that no frontend's slots hold any more stays, flagged
+/// [`backend_flags::DRAINING`], until no conntrack entry names it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
@@ -102,6 +103,11 @@ pub mod backend_flags {
     /// The backend runs on this node: external traffic reaches it without
     /// SNAT, and its replies pass through this node anyway.
     pub const LOCAL: u8 = 1 << 0;
+    /// No slot holds it any more (its endpoint is terminating, not ready, or
+    /// gone — KEP-1669): new flows never choose it, established TCP flows
+    /// keep it until they end, and a UDP flow moves to a live backend at its
+    /// next datagram (as kube-proxy flushes such UDP conntrack entries).
+    pub const DRAINING: u8 = 1 << 1;
 }
 
 /// Key of the source-ranges map (an LPM trie; the prefix length counts the

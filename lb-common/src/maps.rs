@@ -58,3 +58,8 @@ pub const ALL: [&str; 8] = [
 /// The global (`EbpfLoader::set_global`) holding the node address that
 /// external flows to remote backends are SNATed to, wire order.
 pub const GLOBAL_SNAT_ADDR: &str = "XLB_SNAT_ADDR";
+
+/// The global that makes every forward conntrack lookup miss (non-zero), so
+/// that packet tests can run the loser of a flow-creation race against the
+/// winner's entry. The agent never sets it.
+pub const GLOBAL_LOSE_FLOW_RACE: &str = "XLB_LOSE_FLOW_RACE";

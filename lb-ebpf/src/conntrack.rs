@@ -1,8 +1,13 @@
 //! Conntrack: remembers which backend each flow was balanced to (forward
 //! entry) and how its replies are translated back (reply entry).
+//!
+//! A flow is created atomically across CPUs: its forward entry goes in with
+//! `BPF_NOEXIST`, and a CPU that loses the race adopts the winner's entry,
+//! so one flow never splits over two backends. SNAT ports are taken the
+//! same way, on the reply entry's tuple, and never overwritten.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
@@ -41,53 +46,137 @@ fn key(flow: &Flow, direction: u8) -> CtKey {
     }
 }
 
-/// The live entry of `flow` in `direction`, refreshed by this packet.
-/// Expired entries, and a SYN that reuses the tuple of a closing flow, miss.
+/// The key of the other direction's entry of the flow `entry` (found under
+/// `flow` in `direction`) belongs to.
 #[inline(always)]
-pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Option<CtEntry> {
-    let entry = CONNTRACK.get_ptr_mut(key(flow, direction))?;
+fn peer_key(flow: &Flow, direction: u8, entry: &CtEntry) -> CtKey {
+    let snat = entry.flags & ct_flags::SNAT != 0;
+    if direction == direction::FORWARD {
+        // The backend answers the client, or the node's SNAT end.
+        CtKey {
+            saddr: entry.nat_addr,
+            daddr: if snat { entry.peer_addr } else { flow.saddr },
+            sport: entry.nat_port,
+            dport: if snat { entry.peer_port } else { flow.sport },
+            proto: flow.proto,
+            direction: direction::REPLY,
+            pad: 0,
+        }
+    } else {
+        // The client addressed the frontend.
+        CtKey {
+            saddr: if snat { entry.peer_addr } else { flow.daddr },
+            daddr: entry.nat_addr,
+            sport: if snat { entry.peer_port } else { flow.dport },
+            dport: entry.nat_port,
+            proto: flow.proto,
+            direction: direction::FORWARD,
+            pad: 0,
+        }
+    }
+}
+
+/// What conntrack holds for a packet.
+pub enum Found {
+    /// A live entry, refreshed by this packet.
+    Live(CtEntry),
+    /// An entry that no longer counts: expired, or a closing flow whose
+    /// tuple a new SYN reuses. A new flow replaces it.
+    Stale,
+    /// Nothing.
+    Missing,
+}
+
+/// The entry of `flow` in `direction`, refreshed by this packet; a FIN or
+/// RST moves the flow's other entry on too.
+#[inline(always)]
+pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Found {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key(flow, direction)) else {
+        return Found::Missing;
+    };
     // SAFETY: a valid map value pointer; concurrent writers only store whole
     // fields (state, timestamp), races between them are benign.
     let entry = unsafe { &mut *entry };
     if entry.is_expired(flow.proto, now) {
-        return None;
+        return Found::Stale;
     }
     let is_new_syn = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     if is_new_syn && entry.state == ct_state::CLOSING {
-        return None;
+        return Found::Stale;
     }
-    let state = next_state(entry.state, flow);
-    if state != entry.state {
-        entry.state = state;
+    if flow.proto == PROTO_TCP {
+        track_tcp(flow, direction, entry);
     }
     if now.saturating_sub(entry.last_seen_ns) > CT_REFRESH_NS {
         entry.last_seen_ns = now;
     }
-    Some(*entry)
+    Found::Live(*entry)
 }
 
-/// TCP states as far as timeouts need them; UDP stays `NEW`.
+/// TCP states as far as timeouts need them. A FIN closes one direction;
+/// the flow is closing once both directions sent theirs, or at the first
+/// RST: then both entries go to `CLOSING`, whichever direction saw it.
 #[inline(always)]
-fn next_state(state: u8, flow: &Flow) -> u8 {
-    if flow.proto != PROTO_TCP {
-        return state;
+fn track_tcp(flow: &Flow, direction: u8, entry: &mut CtEntry) {
+    let fin_or_rst = flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST);
+    if fin_or_rst == 0 {
+        if entry.state == ct_state::NEW && flow.tcp_flags & tcp_flags::ACK != 0 {
+            entry.state = ct_state::ESTABLISHED;
+        }
+        return;
     }
-    if flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+    // Rare (once or twice a flow): the other entry is looked up only here.
+    let peer = CONNTRACK.get_ptr_mut(peer_key(flow, direction, entry));
+    // SAFETY: as in `lookup`.
+    let peer = peer.map(|p| unsafe { &mut *p });
+    let peer_fin = peer
+        .as_ref()
+        .is_some_and(|p| p.state == ct_state::FIN_SENT || p.state == ct_state::CLOSING);
+    if fin_or_rst & tcp_flags::RST != 0 || peer_fin {
+        entry.state = ct_state::CLOSING;
+        if let Some(peer) = peer {
+            peer.state = ct_state::CLOSING;
+        }
+    } else if entry.state != ct_state::CLOSING {
+        entry.state = ct_state::FIN_SENT;
+    }
+}
+
+/// The state a flow's entries start in: its first packet may be more than
+/// a SYN (a flow picked up mid-stream, or UDP).
+#[inline(always)]
+fn first_state(flow: &Flow) -> u8 {
+    if flow.proto != PROTO_TCP {
+        ct_state::NEW
+    } else if flow.tcp_flags & tcp_flags::RST != 0 {
         ct_state::CLOSING
-    } else if state == ct_state::NEW && flow.tcp_flags & tcp_flags::ACK != 0 {
+    } else if flow.tcp_flags & tcp_flags::FIN != 0 {
+        ct_state::FIN_SENT
+    } else if flow.tcp_flags & tcp_flags::ACK != 0 {
         ct_state::ESTABLISHED
     } else {
-        state
+        ct_state::NEW
     }
 }
 
-/// Records a new flow balanced to `chosen` and returns its forward entry.
+/// A flow as [`create`] left it.
+pub struct Created {
+    /// Its forward entry.
+    pub entry: CtEntry,
+    /// Another CPU created the same flow first: this is its entry.
+    pub adopted: bool,
+}
+
+/// Records a new flow balanced to `chosen` and returns its forward entry,
+/// or the entry of the CPU that created the same flow first.
 ///
-/// The reply entry is written first, so a reply can never overtake it.
-/// With `snat_addr` the backend sees that address as the source (a hairpin
-/// flow, or an external flow to a remote backend), on a port that makes the
-/// reply's tuple unique: the client's own when it is free (and, for an
-/// external flow, in the SNAT range), otherwise a random one of the range.
+/// `replace`: the forward entry holds a stale flow (see [`Found::Stale`])
+/// or one that must move (a UDP flow whose backend drains), which this one
+/// overwrites. With `snat_addr` the backend sees that address as the source
+/// (a hairpin flow, or an external flow to a remote backend), on a port
+/// that makes the reply's tuple unique: the client's own when it is free
+/// (and, for an external flow, in the SNAT range), otherwise a random one
+/// of the range.
 #[inline(always)]
 pub fn create(
     flow: &Flow,
@@ -95,14 +184,14 @@ pub fn create(
     chosen: &Chosen,
     flags: u8,
     snat_addr: Option<u32>,
+    replace: bool,
     now: u64,
-) -> Result<CtEntry, Reason> {
-    let state = next_state(ct_state::NEW, flow);
+) -> Result<Created, Reason> {
     let mut reply = CtEntry {
         last_seen_ns: now,
         nat_addr: flow.daddr,
         nat_port: flow.dport,
-        state,
+        state: first_state(flow),
         flags,
         backend_id: chosen.id,
         frontend_id,
@@ -124,28 +213,48 @@ pub fn create(
         nat_port: chosen.backend.port,
         ..reply
     };
-    match snat_addr {
-        None => {
-            CONNTRACK
-                .insert(reply_key, reply, 0)
-                .map_err(|_| Reason::DropConntrackFull)?;
-        }
-        Some(addr) => {
-            reply.flags |= ct_flags::SNAT;
-            reply.peer_addr = flow.saddr;
-            reply.peer_port = flow.sport;
-            reply_key.daddr = addr;
-            let keep_port = flags & ct_flags::HAIRPIN != 0 || in_snat_range(flow.sport);
-            let port = insert_snat_reply(&mut reply_key, &reply, keep_port, now)?;
-            forward.flags |= ct_flags::SNAT;
-            forward.peer_addr = addr;
-            forward.peer_port = port;
-        }
+    if let Some(addr) = snat_addr {
+        reply.flags |= ct_flags::SNAT;
+        reply.peer_addr = flow.saddr;
+        reply.peer_port = flow.sport;
+        reply_key.daddr = addr;
+        let keep_port = flags & ct_flags::HAIRPIN != 0 || in_snat_range(flow.sport);
+        let port = take_snat_port(&mut reply_key, &reply, keep_port)?;
+        forward.flags |= ct_flags::SNAT;
+        forward.peer_addr = addr;
+        forward.peer_port = port;
     }
-    CONNTRACK
-        .insert(key(flow, direction::FORWARD), forward, 0)
-        .map_err(|_| Reason::DropConntrackFull)?;
-    Ok(forward)
+    let forward_key = key(flow, direction::FORWARD);
+    let mode = if replace { BPF_ANY } else { BPF_NOEXIST };
+    if CONNTRACK.insert(forward_key, forward, mode as u64).is_err() {
+        if snat_addr.is_some() {
+            // Our SNAT port goes back: the winner has its own.
+            let _ = CONNTRACK.remove(reply_key);
+        }
+        return adopt(&forward_key);
+    }
+    if snat_addr.is_none() && CONNTRACK.insert(reply_key, reply, 0).is_err() {
+        let _ = CONNTRACK.remove(forward_key);
+        return Err(Reason::DropConntrackFull);
+    }
+    Ok(Created {
+        entry: forward,
+        adopted: false,
+    })
+}
+
+/// The forward entry another CPU created first (or, when there is none,
+/// the map refused the write: full).
+#[inline(always)]
+fn adopt(forward_key: &CtKey) -> Result<Created, Reason> {
+    // SAFETY: copied out at once.
+    match unsafe { CONNTRACK.get(forward_key) } {
+        Some(entry) => Ok(Created {
+            entry: *entry,
+            adopted: true,
+        }),
+        None => Err(Reason::DropConntrackFull),
+    }
 }
 
 #[inline(always)]
@@ -155,16 +264,12 @@ fn in_snat_range(port: u16) -> bool {
 }
 
 /// Writes the reply entry of a SNATed flow on the first port whose tuple
-/// is free (or held by an expired entry, or by an earlier flow of the same
-/// client tuple), trying the key's own port first when `keep_port`.
-/// Returns that port.
+/// nobody holds, trying the key's own port first when `keep_port`, and
+/// returns that port. Only `BPF_NOEXIST` writes: a held tuple — even an
+/// expired one, which the agent's conntrack GC removes — is never taken
+/// over, so two flows never share one.
 #[inline(always)]
-fn insert_snat_reply(
-    key: &mut CtKey,
-    reply: &CtEntry,
-    keep_port: bool,
-    now: u64,
-) -> Result<u16, Reason> {
+fn take_snat_port(key: &mut CtKey, reply: &CtEntry, keep_port: bool) -> Result<u16, Reason> {
     for attempt in 0..SNAT_TRIES {
         if attempt > 0 || !keep_port {
             // SAFETY: a helper without arguments.
@@ -172,18 +277,7 @@ fn insert_snat_reply(
             let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
             key.dport = port_raw(SNAT_PORT_MIN + (random % span) as u16);
         }
-        // Atomic: two CPUs never take the same tuple.
         if CONNTRACK.insert(*key, reply, BPF_NOEXIST as u64).is_ok() {
-            return Ok(key.dport);
-        }
-        // Free to take: expired, or held by an earlier flow of this very
-        // client tuple (a connection reopened on the same port).
-        // SAFETY: copied out at once.
-        let stale = unsafe { CONNTRACK.get(*key) }.is_none_or(|held| {
-            held.is_expired(key.proto, now)
-                || (held.peer_addr == reply.peer_addr && held.peer_port == reply.peer_port)
-        });
-        if stale && CONNTRACK.insert(*key, reply, 0).is_ok() {
             return Ok(key.dport);
         }
     }

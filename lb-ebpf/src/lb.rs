@@ -6,12 +6,13 @@
 //! with what their context allows.
 
 use lb_common::{
-    Frontend, HAIRPIN_ADDR, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, backend_flags, ct_flags,
-    direction, frontend_flags, port_host, scope,
+    CtEntry, Frontend, HAIRPIN_ADDR, PROTO_TCP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    backend_flags, ct_flags, direction, frontend_flags, port_host, scope,
 };
 
 use crate::{
-    conntrack, frontend,
+    conntrack::{self, Created, Found},
+    frontend,
     nat::{NewEnd, Rewrite},
     packet::Flow,
     select,
@@ -27,6 +28,20 @@ fn snat_addr() -> u32 {
     // SAFETY: a read-only global the loader fills in; volatile so the
     // compiler does not fold the 0 it was compiled with.
     unsafe { core::ptr::read_volatile(&XLB_SNAT_ADDR) }
+}
+
+/// The packet tests' seam for the flow-creation race: non-zero makes the
+/// forward lookup of every packet miss, as on a CPU that looked up just
+/// before another CPU inserted the same flow, so that a test can run the
+/// loser against the winner's entry. The agent never sets it; the
+/// verifier sees a frozen read-only 0 and prunes the branch.
+#[unsafe(no_mangle)]
+static XLB_LOSE_FLOW_RACE: u8 = 0;
+
+#[inline(always)]
+fn lose_flow_race() -> bool {
+    // SAFETY: as `snat_addr`.
+    unsafe { core::ptr::read_volatile(&XLB_LOSE_FLOW_RACE) != 0 }
 }
 
 /// A translation the hook must apply.
@@ -123,33 +138,62 @@ fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
         return Verdict::Drop(reason);
     }
     let now = conntrack::now_ns();
-    let established = conntrack::lookup(flow, direction::FORWARD, now)
-        .filter(|entry| select::lookup_backend(entry.backend_id).is_some());
-    let (entry, reason) = match established {
-        Some(entry) => (entry, Reason::ForwardEstablished),
-        None => {
-            let Some(chosen) = select::select_backend(frontend, flow.saddr, now) else {
-                return Verdict::NoBackend {
-                    drop: frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
-                };
-            };
-            let (flags, snat) = if chosen.backend.addr == flow.saddr {
-                // Balanced to itself: the pod must see another source, or
-                // it would drop the packet as its own.
-                (ct_flags::HAIRPIN, Some(HAIRPIN_ADDR))
-            } else if external {
-                let node = snat_addr();
-                let remote = chosen.backend.flags & backend_flags::LOCAL == 0;
-                (ct_flags::EXTERNAL, (remote && node != 0).then_some(node))
-            } else {
-                (0, None)
-            };
-            match conntrack::create(flow, frontend.id, &chosen, flags, snat, now) {
-                Ok(entry) => (entry, Reason::ForwardNew),
-                Err(reason) => return Verdict::Drop(reason),
-            }
-        }
+    let found = if lose_flow_race() {
+        Found::Missing
+    } else {
+        conntrack::lookup(flow, direction::FORWARD, now)
     };
+    let replace = match found {
+        Found::Live(entry) if keeps_backend(flow, &entry) => {
+            return translate_forward(&entry, Reason::ForwardEstablished);
+        }
+        Found::Missing => false,
+        Found::Live(_) | Found::Stale => true,
+    };
+    let Some(chosen) = select::select_backend(frontend, flow.saddr, now) else {
+        return Verdict::NoBackend {
+            drop: frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
+        };
+    };
+    let (flags, snat) = if chosen.backend.addr == flow.saddr {
+        // Balanced to itself: the pod must see another source, or it would
+        // drop the packet as its own.
+        (ct_flags::HAIRPIN, Some(HAIRPIN_ADDR))
+    } else if external {
+        let node = snat_addr();
+        let remote = chosen.backend.flags & backend_flags::LOCAL == 0;
+        (ct_flags::EXTERNAL, (remote && node != 0).then_some(node))
+    } else {
+        (0, None)
+    };
+    match conntrack::create(flow, frontend.id, &chosen, flags, snat, replace, now) {
+        Ok(Created {
+            entry,
+            adopted: false,
+        }) => translate_forward(&entry, Reason::ForwardNew),
+        Ok(Created {
+            entry,
+            adopted: true,
+        }) => translate_forward(&entry, Reason::ForwardEstablished),
+        Err(reason) => Verdict::Drop(reason),
+    }
+}
+
+/// Whether an established flow stays on its backend: a TCP flow always (its
+/// backend is kept while conntrack names it, draining or not); a UDP flow
+/// while its backend is in service — otherwise its next datagram picks a
+/// live one, as kube-proxy flushes the UDP entries of removed endpoints.
+#[inline(always)]
+fn keeps_backend(flow: &Flow, entry: &CtEntry) -> bool {
+    flow.proto == PROTO_TCP
+        || select::lookup_backend(entry.backend_id)
+            .is_some_and(|backend| backend.flags & backend_flags::DRAINING == 0)
+}
+
+/// The DNAT (and SNAT) of a packet of the flow whose forward entry is
+/// `entry`.
+#[inline(always)]
+fn translate_forward(entry: &CtEntry, reason: Reason) -> Verdict {
     let snat = entry.flags & ct_flags::SNAT != 0;
     Verdict::Translate(Translation {
         reason,
@@ -167,7 +211,7 @@ fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
 #[inline(always)]
 fn reply(flow: &Flow, wanted: u8) -> Verdict {
     let now = conntrack::now_ns();
-    let Some(entry) = conntrack::lookup(flow, direction::REPLY, now) else {
+    let Found::Live(entry) = conntrack::lookup(flow, direction::REPLY, now) else {
         return Verdict::Pass(pass_reason(flow));
     };
     if wanted != 0 && entry.flags & wanted == 0 {

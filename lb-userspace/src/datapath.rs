@@ -36,6 +36,9 @@ pub struct Settings {
     pub snat_addr: Option<Ipv4Addr>,
     /// Maps whose capacity differs from `lb_common::maps` (tests fill them).
     pub capacities: Vec<(&'static str, u32)>,
+    /// Packet tests of the flow-creation race only: every forward conntrack
+    /// lookup misses, as on the CPU that loses the race.
+    pub lose_flow_race: bool,
 }
 
 /// The loaded object: programs verified and loaded, maps pinned.
@@ -51,12 +54,12 @@ impl Datapath {
     pub fn load(bpffs: &Path, settings: &Settings) -> Result<Self, Error> {
         bpffs::ensure_dir(bpffs)?;
         let snat_addr = settings.snat_addr.map_or(0, |ip| ipv4_raw(ip.octets()));
+        let lose_flow_race = u8::from(settings.lose_flow_race);
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(bpffs).override_global(
-            maps::GLOBAL_SNAT_ADDR,
-            &snat_addr,
-            true,
-        );
+        loader
+            .default_map_pin_directory(bpffs)
+            .override_global(maps::GLOBAL_SNAT_ADDR, &snat_addr, true)
+            .override_global(maps::GLOBAL_LOSE_FLOW_RACE, &lose_flow_race, true);
         for (name, max_entries) in &settings.capacities {
             loader.map_max_entries(name, *max_entries);
         }

@@ -56,6 +56,7 @@ impl TestLb {
         Self::load_with(Settings {
             snat_addr: Some(NODE_IP),
             capacities: capacities.to_vec(),
+            ..Settings::default()
         })
     }
 
@@ -103,6 +104,15 @@ impl TestLb {
             .xdp_tx_ifaces
             .insert(ifindex, 1, 0)
             .expect("insert XDP_TX interface");
+    }
+
+    /// The ids of every backend added so far.
+    pub fn backend_ids(&self) -> Vec<u32> {
+        self.maps
+            .backends
+            .keys()
+            .map(|k| k.expect("backend id"))
+            .collect()
     }
 
     /// Removes a backend (its slots stay: the test decides).

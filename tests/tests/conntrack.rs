@@ -2,10 +2,15 @@
 //! across clients, TCP states and timeouts, removed backends re-balance.
 
 use lb_common::{
-    CT_TIMEOUT_TCP_CLOSING_NS, PROTO_TCP, PROTO_UDP, Reason, ct_state, direction, ipv4_raw,
-    port_raw,
+    PROTO_TCP, PROTO_UDP, Reason, backend_flags, ct_state, direction, ipv4_raw, port_raw,
 };
-use lb_userspace::{clock::monotonic_coarse_ns, datapath::program::FROM_POD};
+use lb_userspace::{
+    clock::monotonic_coarse_ns,
+    datapath::{
+        Settings,
+        program::{FROM_POD, TO_POD},
+    },
+};
 use xlb_tests::{
     packet::{Packet, addr, flags, seen},
     require_root,
@@ -91,22 +96,54 @@ fn clients_with_equal_source_ports_get_separate_entries() {
     }
 }
 
+/// The state of the flow's entry in `dir`.
+fn state(lb: &TestLb, dir: u8) -> Option<u8> {
+    lb.conntrack()
+        .iter()
+        .find(|(k, _)| k.direction == dir)
+        .map(|(_, e)| e.state)
+}
+
+/// The backend's reply to `CLIENT` with `tcp_flags`, through `to_pod`.
+fn reply(lb: &mut TestLb, backend: std::net::SocketAddrV4, tcp_flags: u8) {
+    let packet = Packet::tcp(&backend.to_string(), CLIENT, tcp_flags);
+    lb.run(TO_POD, &packet.bytes());
+}
+
 #[test]
-fn tcp_states_follow_the_flags() {
+fn tcp_states_follow_the_flags_of_both_directions() {
     require_root!();
     let mut lb = lb(PROTO_TCP);
-    let state = |lb: &TestLb| {
-        lb.conntrack()
-            .iter()
-            .find(|(k, _)| k.direction == direction::FORWARD)
-            .map(|(_, e)| e.state)
-    };
-    backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
-    assert_eq!(state(&lb), Some(ct_state::NEW));
+    let backend = backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
+    assert_eq!(state(&lb, direction::FORWARD), Some(ct_state::NEW));
     backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::ACK));
-    assert_eq!(state(&lb), Some(ct_state::ESTABLISHED));
+    assert_eq!(state(&lb, direction::FORWARD), Some(ct_state::ESTABLISHED));
+    // The client's FIN half-closes the flow: data may still come back.
     backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::FIN | flags::ACK));
-    assert_eq!(state(&lb), Some(ct_state::CLOSING));
+    assert_eq!(state(&lb, direction::FORWARD), Some(ct_state::FIN_SENT));
+    assert_ne!(state(&lb, direction::REPLY), Some(ct_state::CLOSING));
+    // The backend's FIN closes it: both entries, from the reply side.
+    reply(&mut lb, backend, flags::FIN | flags::ACK);
+    assert_eq!(state(&lb, direction::FORWARD), Some(ct_state::CLOSING));
+    assert_eq!(state(&lb, direction::REPLY), Some(ct_state::CLOSING));
+}
+
+#[test]
+fn an_rst_in_either_direction_closes_both_entries() {
+    require_root!();
+    for from_backend in [false, true] {
+        let mut lb = lb(PROTO_TCP);
+        let backend = backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
+        reply(&mut lb, backend, flags::SYN | flags::ACK);
+        backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::ACK));
+        if from_backend {
+            reply(&mut lb, backend, flags::RST);
+        } else {
+            backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::RST));
+        }
+        assert_eq!(state(&lb, direction::FORWARD), Some(ct_state::CLOSING));
+        assert_eq!(state(&lb, direction::REPLY), Some(ct_state::CLOSING));
+    }
 }
 
 #[test]
@@ -122,20 +159,26 @@ fn syn_after_close_starts_a_new_flow() {
     );
 }
 
+/// A closed flow (both FINs) releases its entries within 2 s: a packet
+/// with its tuple 2.1 s later starts a new flow.
 #[test]
-fn expired_entry_is_a_new_flow() {
+fn a_closed_flow_expires_within_two_seconds() {
     require_root!();
     let mut lb = lb(PROTO_TCP);
-    backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
+    let backend = backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
     backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::FIN | flags::ACK));
-    // The test controls time through the entry's timestamp: a closing entry
-    // last seen just over its timeout ago has expired.
-    let stale = monotonic_coarse_ns() - CT_TIMEOUT_TCP_CLOSING_NS - 2_000_000_000;
+    reply(&mut lb, backend, flags::FIN | flags::ACK);
+    // The test controls time through the entries' timestamps.
+    let stale = monotonic_coarse_ns() - 2_100_000_000;
     lb.edit_conntrack(|entry| entry.last_seen_ns = stale);
     backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::ACK));
     assert_eq!(
         lb.counted(),
-        vec![(Reason::ForwardNew, 2), (Reason::ForwardEstablished, 1)]
+        vec![
+            (Reason::ForwardNew, 2),
+            (Reason::ForwardEstablished, 1),
+            (Reason::RevNat, 1)
+        ]
     );
     // The forward entry is fresh again (the old reply entry may stay behind
     // when another backend was chosen; it expires on its own).
@@ -147,18 +190,9 @@ fn expired_entry_is_a_new_flow() {
     assert!(forward.1.last_seen_ns > stale);
 }
 
-#[test]
-fn flow_to_a_removed_backend_is_rebalanced() {
-    require_root!();
-    let mut lb = TestLb::load();
-    let gone = lb.add_backend(BACKENDS[0], PROTO_TCP);
-    let stays = lb.add_backend(BACKENDS[1], PROTO_TCP);
-    let frontend = lb.add_frontend_tiers(VIP, PROTO_TCP, &[&[gone]]);
-    assert_eq!(
-        backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN)),
-        addr(BACKENDS[0])
-    );
-    // What user space does when the endpoint goes: new slot, backend deleted.
+/// What user space does when an endpoint leaves the frontend's slots:
+/// another backend takes its slot, it stays flagged draining.
+fn drain(lb: &mut TestLb, frontend: u32, gone: u32, stays: u32, proto: u8) {
     lb.maps
         .slots
         .insert(
@@ -170,10 +204,91 @@ fn flow_to_a_removed_backend_is_rebalanced() {
             0,
         )
         .unwrap();
-    lb.remove_backend(gone);
+    let mut value = lb.maps.backends.get(&gone, 0).unwrap();
+    value.flags |= backend_flags::DRAINING;
+    assert_eq!(value.proto, proto);
+    lb.maps.backends.insert(gone, value, 0).unwrap();
+}
+
+#[test]
+fn a_tcp_flow_keeps_its_draining_backend_and_new_flows_go_elsewhere() {
+    require_root!();
+    let mut lb = TestLb::load();
+    let gone = lb.add_backend(BACKENDS[0], PROTO_TCP);
+    let stays = lb.add_backend(BACKENDS[1], PROTO_TCP);
+    let frontend = lb.add_frontend_tiers(VIP, PROTO_TCP, &[&[gone]]);
     assert_eq!(
-        backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::ACK)),
-        addr(BACKENDS[1])
+        backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN)),
+        addr(BACKENDS[0])
     );
-    assert_eq!(lb.counted(), vec![(Reason::ForwardNew, 2)]);
+    drain(&mut lb, frontend, gone, stays, PROTO_TCP);
+    for _ in 0..3 {
+        assert_eq!(
+            backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::ACK)),
+            addr(BACKENDS[0]),
+            "the established flow keeps its backend"
+        );
+    }
+    assert_eq!(
+        backend_of(&mut lb, &Packet::tcp("10.244.1.5:40001", VIP, flags::SYN)),
+        addr(BACKENDS[1]),
+        "a new flow never chooses the draining backend"
+    );
+    assert_eq!(
+        lb.counted(),
+        vec![(Reason::ForwardNew, 2), (Reason::ForwardEstablished, 3)]
+    );
+}
+
+#[test]
+fn a_udp_flow_of_a_draining_backend_moves_at_its_next_datagram() {
+    require_root!();
+    let mut lb = TestLb::load();
+    let gone = lb.add_backend(BACKENDS[0], PROTO_UDP);
+    let stays = lb.add_backend(BACKENDS[1], PROTO_UDP);
+    let frontend = lb.add_frontend_tiers(VIP, PROTO_UDP, &[&[gone]]);
+    let datagram = Packet::udp(CLIENT, VIP);
+    assert_eq!(backend_of(&mut lb, &datagram), addr(BACKENDS[0]));
+    drain(&mut lb, frontend, gone, stays, PROTO_UDP);
+    for _ in 0..3 {
+        assert_eq!(backend_of(&mut lb, &datagram), addr(BACKENDS[1]));
+    }
+    assert_eq!(
+        lb.counted(),
+        vec![(Reason::ForwardNew, 2), (Reason::ForwardEstablished, 2)]
+    );
+    // Its replies come back from the Service.
+    let back = lb.run(TO_POD, &Packet::udp(BACKENDS[1], CLIENT).bytes());
+    assert_eq!(seen(&back.frame).src, addr(VIP));
+}
+
+/// Two CPUs miss at once and each picks a backend: the one that inserts
+/// second meets the winner's forward entry (`BPF_NOEXIST`) and adopts it.
+/// The loser is run with the race seam on (its forward lookup misses)
+/// against the winner's entry, many times: with three backends, a loser
+/// that kept its own choice would show within a few runs.
+#[test]
+fn a_cpu_that_loses_the_flow_creation_race_adopts_the_winners_backend() {
+    require_root!();
+    for proto in [PROTO_TCP, PROTO_UDP] {
+        let mut lb = TestLb::load_with(Settings {
+            lose_flow_race: true,
+            ..Settings::default()
+        });
+        lb.add_frontend(VIP, proto, &BACKENDS);
+        let first = match proto {
+            PROTO_TCP => Packet::tcp(CLIENT, VIP, flags::SYN),
+            _ => Packet::udp(CLIENT, VIP),
+        };
+        let winner = backend_of(&mut lb, &first);
+        for _ in 0..20 {
+            assert_eq!(backend_of(&mut lb, &first), winner, "proto {proto}");
+        }
+        assert_eq!(lb.conntrack().len(), 2, "one flow, two entries");
+        assert_eq!(
+            lb.counted(),
+            vec![(Reason::ForwardNew, 1), (Reason::ForwardEstablished, 20)],
+            "the losers count as packets of the winner's flow"
+        );
+    }
 }

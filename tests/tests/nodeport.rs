@@ -9,7 +9,10 @@ use lb_common::{
     CtEntry, CtKey, PROTO_TCP, PROTO_UDP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, backend_flags,
     ct_flags, direction, frontend_flags, ipv4_raw, port_host, port_raw, scope,
 };
-use lb_userspace::datapath::program::{FROM_POD, NODEPORT_TC};
+use lb_userspace::datapath::{
+    Settings,
+    program::{FROM_POD, NODEPORT_TC},
+};
 use xlb_tests::{
     node_ns::{CLIENT_MAC, NODE_MAC, NODE2_MAC, NodeNs},
     packet::{Packet, addr, flags, seen, with_ttl},
@@ -247,6 +250,70 @@ fn snat_keeps_a_free_client_port_and_avoids_a_taken_one() {
             (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&ports[1]),
             "{hook:?}"
         );
+    }
+}
+
+/// One client port in the SNAT range to two frontends over the same
+/// backend: the second flow gets another port, and the first flow's reply
+/// entry is left alone (SNAT ports are only taken with `BPF_NOEXIST`).
+#[test]
+fn one_client_port_to_two_frontends_never_shares_a_snat_port() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    for hook in HOOKS {
+        let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
+        let backend = lb.backend_ids();
+        let other = "192.168.77.11:30081";
+        lb.add_external_frontend(other, PROTO_TCP, &backend, 0);
+        let client = "192.168.77.200:62000";
+        let mut ports = Vec::new();
+        for frontend in [NODE_PORT, other] {
+            let frame = Packet::tcp(client, frontend, flags::SYN).bytes();
+            let (_, out) = run(&mut lb, &node, hook, &frame, node.ext);
+            ports.push(seen(&out.frame).src.port());
+        }
+        assert_eq!(ports[0], 62000, "{hook:?}");
+        assert_ne!(ports[1], 62000, "{hook:?}: the port is taken");
+        let first = entry(
+            &lb,
+            &key(
+                REMOTE,
+                &format!("{NODE_IP}:62000"),
+                PROTO_TCP,
+                direction::REPLY,
+            ),
+        );
+        assert_eq!(
+            first.nat_port,
+            port_raw(30080),
+            "{hook:?}: the first flow's replies still go back through its frontend"
+        );
+    }
+}
+
+/// The CPU that loses a SNATed flow's creation race had already taken a
+/// SNAT port: it gives it back and adopts the winner's translation.
+#[test]
+fn the_loser_of_a_snat_flow_race_gives_its_port_back_and_adopts_the_winner() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    for hook in HOOKS {
+        let mut lb = TestLb::load_with(Settings {
+            snat_addr: Some(NODE_IP),
+            lose_flow_race: true,
+            ..Settings::default()
+        });
+        let backend = lb.add_backend(REMOTE, PROTO_UDP);
+        lb.add_external_frontend(NODE_PORT, PROTO_UDP, &[backend], 0);
+        let frame = Packet::udp(CLIENT, NODE_PORT).bytes();
+        let (_, out) = run(&mut lb, &node, hook, &frame, node.ext);
+        let winner = seen(&out.frame).src;
+        for _ in 0..10 {
+            let (fate, out) = run(&mut lb, &node, hook, &frame, node.ext);
+            assert_eq!(fate, Fate::SentOut, "{hook:?}");
+            assert_eq!(seen(&out.frame).src, winner, "{hook:?}: the winner's SNAT");
+        }
+        assert_eq!(lb.conntrack().len(), 2, "{hook:?}: no port left taken");
     }
 }
 
