@@ -47,6 +47,18 @@ pub mod ct_state {
     pub const FIN_SENT: u8 = 3;
 }
 
+/// Indexes of the per-CPU conntrack event counters
+/// ([`crate::maps::CONNTRACK_EVENTS`]): with the agent's walk they account
+/// for every entry, so what is missing was evicted by the LRU.
+pub mod ct_event {
+    /// Entries the datapath added to the table (not overwrites).
+    pub const CREATED: u32 = 0;
+    /// Entries the datapath removed itself (a race loser's SNAT port).
+    pub const REMOVED: u32 = 1;
+    /// Number of counters.
+    pub const COUNT: u32 = 2;
+}
+
 /// Bits of [`CtEntry::flags`].
 pub mod ct_flags {
     /// The client's end is translated too ([`super::CtEntry::peer_addr`]):

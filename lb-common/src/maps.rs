@@ -18,8 +18,14 @@ pub const BACKENDS_MAX: u32 = 524_288;
 
 /// Conntrack (LRU): [`crate::CtKey`] → [`crate::CtEntry`].
 pub const CONNTRACK: &str = "XLB_CONNTRACK";
-/// Capacity of [`CONNTRACK`] (two entries per flow).
-pub const CONNTRACK_MAX: u32 = 262_144;
+/// Default capacity of [`CONNTRACK`] (two entries per flow; the agent's
+/// `--conntrack-max`): about 100 bytes of kernel memory an entry, ~50 MiB.
+/// At 30,000 new connections/s the closed flows' entries (2 s, plus up to
+/// a second until the agent's walk removes them) take ~180,000.
+pub const CONNTRACK_MAX: u32 = 524_288;
+
+/// Per-CPU conntrack event counters: [`crate::ct_event`] index → `u64`.
+pub const CONNTRACK_EVENTS: &str = "XLB_CT_EVENTS";
 
 /// ClientIP session affinity (LRU): [`crate::AffinityKey`] →
 /// [`crate::AffinityEntry`].
@@ -44,11 +50,12 @@ pub const XDP_TX_IFACES: &str = "XLB_XDP_TX_IFACES";
 pub const XDP_TX_IFACES_MAX: u32 = 256;
 
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
     CONNTRACK,
+    CONNTRACK_EVENTS,
     AFFINITY,
     SOURCE_RANGES,
     COUNTERS,

@@ -11,12 +11,12 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    CT_REFRESH_NS, CtEntry, CtKey, PROTO_TCP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ct_flags,
-    ct_state, direction, port_host, port_raw,
+    CT_REFRESH_NS, CtEntry, CtKey, PROTO_TCP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, ct_event,
+    ct_flags, ct_state, direction, port_host, port_raw,
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, CONNTRACK_EVENTS},
     packet::{Flow, tcp_flags},
     select::Chosen,
 };
@@ -225,16 +225,15 @@ pub fn create(
         forward.peer_port = port;
     }
     let forward_key = key(flow, direction::FORWARD);
-    let mode = if replace { BPF_ANY } else { BPF_NOEXIST };
-    if CONNTRACK.insert(forward_key, forward, mode as u64).is_err() {
+    if !insert_new(&forward_key, &forward) && (!replace || !overwrite(&forward_key, &forward)) {
         if snat_addr.is_some() {
             // Our SNAT port goes back: the winner has its own.
-            let _ = CONNTRACK.remove(reply_key);
+            remove(&reply_key);
         }
         return adopt(&forward_key);
     }
-    if snat_addr.is_none() && CONNTRACK.insert(reply_key, reply, 0).is_err() {
-        let _ = CONNTRACK.remove(forward_key);
+    if snat_addr.is_none() && !insert_new(&reply_key, &reply) && !overwrite(&reply_key, &reply) {
+        remove(&forward_key);
         return Err(Reason::DropConntrackFull);
     }
     Ok(Created {
@@ -254,6 +253,39 @@ fn adopt(forward_key: &CtKey) -> Result<Created, Reason> {
             adopted: true,
         }),
         None => Err(Reason::DropConntrackFull),
+    }
+}
+
+/// Adds an entry that is not there yet (`BPF_NOEXIST`), counted.
+#[inline(always)]
+fn insert_new(key: &CtKey, entry: &CtEntry) -> bool {
+    let added = CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok();
+    if added {
+        count(ct_event::CREATED);
+    }
+    added
+}
+
+/// Overwrites an entry that is there (or was, a moment ago).
+#[inline(always)]
+fn overwrite(key: &CtKey, entry: &CtEntry) -> bool {
+    CONNTRACK.insert(key, entry, BPF_ANY as u64).is_ok()
+}
+
+/// Removes an entry this program added, counted.
+#[inline(always)]
+fn remove(key: &CtKey) {
+    if CONNTRACK.remove(key).is_ok() {
+        count(ct_event::REMOVED);
+    }
+}
+
+#[inline(always)]
+fn count(event: u32) {
+    if let Some(counter) = CONNTRACK_EVENTS.get_ptr_mut(event) {
+        // SAFETY: per-CPU value: no other writer while this program runs on
+        // this CPU.
+        unsafe { *counter += 1 };
     }
 }
 
@@ -277,7 +309,7 @@ fn take_snat_port(key: &mut CtKey, reply: &CtEntry, keep_port: bool) -> Result<u
             let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
             key.dport = port_raw(SNAT_PORT_MIN + (random % span) as u16);
         }
-        if CONNTRACK.insert(*key, reply, BPF_NOEXIST as u64).is_ok() {
+        if insert_new(key, reply) {
             return Ok(key.dport);
         }
     }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, SlotKey, SourceRangeKey, maps,
+    REASON_COUNT, SlotKey, SourceRangeKey, ct_event, maps,
 };
 
 /// What clients address: (address, port, protocol, scope) → frontend.
@@ -30,6 +30,11 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(maps::BACKENDS_MAX,
 /// table evicts the oldest flows instead of refusing new ones.
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(maps::CONNTRACK_MAX, 0);
+
+/// Entries the datapath added to and removed from conntrack, per CPU
+/// (`lb_common::ct_event`): the agent's walk tells evictions from them.
+#[map(name = "XLB_CT_EVENTS")]
+pub static CONNTRACK_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(ct_event::COUNT, 0);
 
 /// ClientIP session affinity per (frontend, client); LRU like conntrack.
 #[map(name = "XLB_AFFINITY")]

@@ -14,9 +14,13 @@ use std::{
 use aya::programs::XdpMode;
 use tracing::{error, info, warn};
 
+use lb_common::ct_event;
+
 use crate::{
     Datapath, Error,
     attach::{self, PodInterfaces},
+    clock,
+    conntrack::{ConntrackTable, Evictions},
     datapath::Settings,
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
@@ -91,6 +95,9 @@ impl Source {
 
 /// How often the loop looks at the manifests and the interfaces.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the agent walks conntrack (expired entries out, drained
+/// backends deleted).
+const CONNTRACK_WALK: Duration = Duration::from_secs(1);
 /// How often the maps are re-read and everything re-synced regardless.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -115,6 +122,8 @@ pub struct Config {
     pub xdp: Option<XdpMode>,
     /// Where XDP may answer with `XDP_TX`.
     pub xdp_tx: attach::XdpTx,
+    /// Capacity of the conntrack table, in entries (two per flow).
+    pub conntrack_max: u32,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -130,6 +139,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     let settings = Settings {
         snat_addr,
+        capacities: vec![(lb_common::maps::CONNTRACK, config.conntrack_max)],
         ..Settings::default()
     };
     let mut datapath = Datapath::load(&config.bpffs, &settings)?;
@@ -155,6 +165,17 @@ pub fn run(config: Config) -> Result<(), Error> {
     let mut maps = datapath.take_maps()?;
     attach::set_xdp_tx_interfaces(&mut maps.xdp_tx_ifaces, &xdp_tx_interfaces)?;
     let mut syncer = Syncer::new(maps)?;
+    let conntrack = ConntrackTable::open(&config.bpffs)?;
+    if conntrack.capacity() != config.conntrack_max {
+        warn!(
+            pinned = conntrack.capacity(),
+            wanted = config.conntrack_max,
+            "the pinned conntrack table keeps its capacity (its flows stay); \
+             `xlb cleanup` and a restart resize it, dropping every flow"
+        );
+    }
+    let mut evictions = Evictions::default();
+    let mut last_walk: Option<Instant> = None;
     let source = Source::start(&config.source, &config.node.name)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()));
     let bound = metrics::serve(config.metrics_addr, Endpoints::Metrics, metrics.clone())?;
@@ -178,8 +199,14 @@ pub fn run(config: Config) -> Result<(), Error> {
                 Err(err) => warn!(interface = %attached.interface, "{err}"),
             }
         }
+        if last_walk.is_none_or(|at| at.elapsed() >= CONNTRACK_WALK) {
+            let started = Instant::now();
+            walk_conntrack(&conntrack, &mut syncer, &mut evictions, &metrics);
+            last_walk = Some(started);
+        }
         let version = source.version();
         let resync_due = last_resync.elapsed() >= RESYNC;
+        let retry_due = syncer.retry_due(Instant::now());
         if resync_due {
             if let Err(err) = syncer.reread() {
                 error!("re-reading the maps: {err}");
@@ -187,7 +214,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             interfaces.retry_failed();
             last_resync = Instant::now();
         }
-        if source.ready() && (last_version.as_ref() != Some(&version) || resync_due) {
+        if source.ready() && (last_version.as_ref() != Some(&version) || resync_due || retry_due) {
             let read_started = Instant::now();
             let snapshot = source.read();
             let read_micros = read_started.elapsed().as_micros() as u64;
@@ -200,6 +227,13 @@ pub fn run(config: Config) -> Result<(), Error> {
                 source.report(problem);
             }
             metrics.observe_sync(report.duration, report.frontends, report.backends);
+            metrics.count_sync_failures(report.failed_writes, retry_due);
+            if report.failed_writes > 0 {
+                warn!(
+                    failed_writes = report.failed_writes,
+                    "some writes failed: their frontends keep their previous state; retrying"
+                );
+            }
             info!(
                 writes = report.writes,
                 frontends = report.frontends,
@@ -216,6 +250,45 @@ pub fn run(config: Config) -> Result<(), Error> {
         metrics.loop_ran();
         std::thread::sleep(TICK);
     }
+}
+
+/// One conntrack walk: expired entries removed, drained backends deleted,
+/// fill and evictions exported.
+fn walk_conntrack(
+    conntrack: &ConntrackTable,
+    syncer: &mut Syncer<crate::Maps>,
+    evictions: &mut Evictions,
+    metrics: &Metrics,
+) {
+    let started = Instant::now();
+    let events = syncer.dataplane().conntrack_events();
+    let walk = match conntrack.walk(clock::monotonic_coarse_ns()) {
+        Ok(walk) => walk,
+        Err(err) => {
+            warn!("{err}");
+            return;
+        }
+    };
+    let evicted = match events {
+        Ok(events) => evictions.update(
+            &walk,
+            events[ct_event::CREATED as usize],
+            events[ct_event::REMOVED as usize],
+        ),
+        Err(err) => {
+            warn!("reading the conntrack event counters: {err}");
+            0
+        }
+    };
+    if evicted > 0 {
+        warn!(
+            evicted,
+            capacity = conntrack.capacity(),
+            "the conntrack table is full and evicts flows: raise --conntrack-max"
+        );
+    }
+    let deleted = syncer.conntrack_walked(started, &walk);
+    metrics.observe_conntrack(&walk, conntrack.capacity(), evicted, deleted);
 }
 
 /// `flags`, completed from the Node object of the same name in `snapshot`.

@@ -60,7 +60,16 @@ impl Dataplane for Maps {
         // Entries may vanish (LRU) while we walk: skip what fails.
         for (_, value) in self.conntrack.iter().flatten() {
             state.max_backend_id_in_use = state.max_backend_id_in_use.max(value.backend_id);
+            state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(value.frontend_id);
         }
+        for key in self.affinity.keys().flatten() {
+            state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(key.frontend_id);
+        }
+        state.max_frontend_id_in_use = state
+            .frontends
+            .values()
+            .map(|f| f.id)
+            .fold(state.max_frontend_id_in_use, u32::max);
         Ok(state)
     }
 

@@ -1,8 +1,8 @@
 //! The diff: desired frontends vs. what the maps hold → the fewest ordered
-//! writes that turn one into the other, make-before-break: backends, then
-//! slots and source ranges, then the frontends that expose them; deletions
-//! last. A packet
-//! never sees a slot without its backend or a count beyond its slots.
+//! writes that turn one into the other, make-before-break: per frontend its
+//! backends, then its slots and source ranges, then the frontend entry that
+//! exposes them; deletions last. A packet never sees a slot without its
+//! backend or a count beyond its slots.
 //!
 //! Slots keep their positions: when one backend goes, the last slot moves
 //! into its hole; when one comes, it takes the next slot. One endpoint
@@ -56,22 +56,51 @@ fn source_range(frontend_id: u32, (ip, len): (Ipv4Addr, u8)) -> SourceRange {
     (key, len)
 }
 
+/// The writes of one frontend in make-before-break order: the backends it
+/// is the first to need, its slots and source ranges, then the frontend
+/// entry that exposes them. Applied as a unit: when one write fails, the
+/// rest of the unit (the frontend entry last) is not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendWrites {
+    /// `namespace/name:port` of its Service port, for reports.
+    pub service_port: String,
+    pub writes: Vec<Op>,
+}
+
+/// Everything one diff writes: each changed frontend's unit, then the
+/// deletions (frontends, source ranges, slots) and the backends that start
+/// draining.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub frontends: Vec<FrontendWrites>,
+    pub cleanup: Vec<Op>,
+}
+
+impl Plan {
+    /// Every write, in the order they are applied.
+    pub fn ops(&self) -> Vec<Op> {
+        self.frontends
+            .iter()
+            .flat_map(|f| f.writes.iter().copied())
+            .chain(self.cleanup.iter().copied())
+            .collect()
+    }
+}
+
 /// The writes that turn `current` into `desired`, and the frontends that
-/// could not be programmed.
-pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
+/// could not be programmed (a frontend over a limit keeps what it has).
+pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut ids = Ids::new(current);
-    let mut puts_backend = Vec::new();
-    let mut puts_slot = Vec::new();
-    let mut puts_frontend = Vec::new();
-    let mut deletes_slot = Vec::new();
-    let mut puts_range = Vec::new();
+    let mut plan = Plan::default();
     let mut wanted_ranges = BTreeSet::new();
     let mut used_backends = BTreeSet::new();
     let mut wanted_frontends = BTreeSet::new();
     let mut slot_counts = HashMap::new();
 
     for (addr, frontend) in &desired.frontends {
+        let key = frontend_key(addr);
+        let old = current.frontends.get(&key);
         if frontend.tiers.len() > MAX_TIERS
             || frontend
                 .tiers
@@ -83,10 +112,22 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
                 &frontend.service_port,
                 Invalid::Capacity(what),
             ));
+            // What it serves now stays, whole.
+            if let Some(old) = old {
+                wanted_frontends.insert(key);
+                slot_counts.insert(old.id, old.slot_count());
+                used_backends.extend(current.slots_of(old));
+                wanted_ranges.extend(
+                    current
+                        .source_ranges
+                        .iter()
+                        .filter(|(range, _)| range.frontend_id == old.id),
+                );
+            }
             continue;
         }
-        let key = frontend_key(addr);
         wanted_frontends.insert(key);
+        let mut writes = Vec::new();
         // Backend ids, tier by tier.
         let tiers: Vec<Vec<u32>> = frontend
             .tiers
@@ -96,9 +137,10 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
                     .map(|endpoint| {
                         let local = desired.local_endpoints.contains(&endpoint.ip);
                         let value = backend_value(endpoint, addr.protocol, local);
-                        let (id, is_new) = ids.backend(value);
-                        if is_new {
-                            puts_backend.push(Op::PutBackend(id, value));
+                        let (id, held) = ids.backend(value);
+                        // New, or draining and back in service.
+                        if held != Some(value) && used_backends.insert(id) {
+                            writes.push(Op::PutBackend(id, value));
                         }
                         used_backends.insert(id);
                         id
@@ -106,7 +148,6 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
                     .collect()
             })
             .collect();
-        let old = current.frontends.get(&key);
         let id = old.map_or_else(|| ids.frontend(), |f| f.id);
         let old_slots = old.map(|f| current.slots_of(f)).unwrap_or_default();
         let (slots, tier_len) = layout(&old_slots, &tiers);
@@ -116,7 +157,7 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
                     frontend_id: id,
                     slot: slot as u32,
                 };
-                puts_slot.push(Op::PutSlot(key, *backend_id));
+                writes.push(Op::PutSlot(key, *backend_id));
             }
         }
         let mut flags = 0;
@@ -129,7 +170,7 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
         for range in &frontend.source_ranges {
             let range = source_range(id, *range);
             if wanted_ranges.insert(range) && !current.source_ranges.contains(&range) {
-                puts_range.push(Op::PutSourceRange(range));
+                writes.push(Op::PutSourceRange(range));
             }
         }
         let value = Frontend {
@@ -140,44 +181,58 @@ pub fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
         };
         slot_counts.insert(id, value.slot_count());
         if old != Some(&value) {
-            puts_frontend.push(Op::PutFrontend(key, value));
+            writes.push(Op::PutFrontend(key, value));
+        }
+        if !writes.is_empty() {
+            plan.frontends.push(FrontendWrites {
+                service_port: frontend.service_port.clone(),
+                writes,
+            });
         }
     }
 
     // Frontends to delete: the entry first, its slots after.
-    let deletes_frontend = current
-        .frontends
-        .keys()
-        .filter(|key| !wanted_frontends.contains(*key))
-        .map(|key| Op::DeleteFrontend(*key));
+    plan.cleanup.extend(
+        current
+            .frontends
+            .keys()
+            .filter(|key| !wanted_frontends.contains(*key))
+            .map(|key| Op::DeleteFrontend(*key)),
+    );
+    plan.cleanup.extend(
+        current
+            .source_ranges
+            .iter()
+            .filter(|range| !wanted_ranges.contains(*range))
+            .map(|range| Op::DeleteSourceRange(*range)),
+    );
     // Every slot beyond its frontend's new count, or of no frontend (also
     // what a crash between two writes may have left).
-    for key in current.slots.keys() {
-        let count = slot_counts.get(&key.frontend_id).copied().unwrap_or(0);
-        if key.slot >= count {
-            deletes_slot.push(Op::DeleteSlot(*key));
-        }
-    }
-    let deletes_range = current
-        .source_ranges
-        .iter()
-        .filter(|range| !wanted_ranges.contains(*range))
-        .map(|range| Op::DeleteSourceRange(*range));
-    let deletes_backend = current
-        .backends
-        .keys()
-        .filter(|id| !used_backends.contains(id))
-        .map(|id| Op::DeleteBackend(*id));
-
-    let mut ops = puts_backend;
-    ops.extend(puts_slot);
-    ops.extend(puts_range);
-    ops.extend(puts_frontend);
-    ops.extend(deletes_frontend);
-    ops.extend(deletes_range);
-    ops.extend(deletes_slot);
-    ops.extend(deletes_backend);
-    (ops, problems)
+    plan.cleanup.extend(
+        current
+            .slots
+            .keys()
+            .filter(|key| key.slot >= slot_counts.get(&key.frontend_id).copied().unwrap_or(0))
+            .map(|key| Op::DeleteSlot(*key)),
+    );
+    // Backends no slot holds any more drain: established flows keep them
+    // until the conntrack walk finds none naming them (see `sync`).
+    plan.cleanup.extend(
+        current
+            .backends
+            .iter()
+            .filter(|(id, b)| !used_backends.contains(id) && b.flags & backend_flags::DRAINING == 0)
+            .map(|(id, b)| {
+                Op::PutBackend(
+                    *id,
+                    Backend {
+                        flags: b.flags | backend_flags::DRAINING,
+                        ..*b
+                    },
+                )
+            }),
+    );
+    (plan, problems)
 }
 
 /// New slot contents for `tiers` (backend ids), keeping every backend that
@@ -208,9 +263,19 @@ fn layout(old: &[u32], tiers: &[Vec<u32>]) -> (Vec<u32>, [u16; MAX_TIERS]) {
 
 /// Hands out ids never used before (by the maps or by conntrack).
 struct Ids {
-    backends_by_value: HashMap<Backend, u32>,
+    /// Backends by what identifies them (draining or not), with the value
+    /// the maps hold.
+    backends: HashMap<Backend, (u32, Backend)>,
     next_backend: u32,
     next_frontend: u32,
+}
+
+/// What identifies a backend: its value without the draining flag.
+fn identity(backend: Backend) -> Backend {
+    Backend {
+        flags: backend.flags & !backend_flags::DRAINING,
+        ..backend
+    }
 }
 
 impl Ids {
@@ -222,23 +287,34 @@ impl Ids {
             .max()
             .unwrap_or(0)
             .max(current.max_backend_id_in_use);
-        let max_frontend = current.frontends.values().map(|f| f.id).max().unwrap_or(0);
+        let max_frontend = current
+            .frontends
+            .values()
+            .map(|f| f.id)
+            .max()
+            .unwrap_or(0)
+            .max(current.max_frontend_id_in_use);
         Self {
-            backends_by_value: current.backends.iter().map(|(id, b)| (*b, *id)).collect(),
+            backends: current
+                .backends
+                .iter()
+                .map(|(id, b)| (identity(*b), (*id, *b)))
+                .collect(),
             next_backend: max_backend + 1,
             next_frontend: max_frontend + 1,
         }
     }
 
-    /// The id of `backend`, and whether it is new.
-    fn backend(&mut self, backend: Backend) -> (u32, bool) {
-        if let Some(id) = self.backends_by_value.get(&backend) {
-            return (*id, false);
+    /// The id of `backend`, and the value the maps hold under it (`None`:
+    /// a new id).
+    fn backend(&mut self, backend: Backend) -> (u32, Option<Backend>) {
+        if let Some((id, held)) = self.backends.get(&identity(backend)) {
+            return (*id, Some(*held));
         }
         let id = self.next_backend;
         self.next_backend += 1;
-        self.backends_by_value.insert(backend, id);
-        (id, true)
+        self.backends.insert(identity(backend), (id, backend));
+        (id, None)
     }
 
     fn frontend(&mut self) -> u32 {
@@ -254,6 +330,12 @@ mod tests {
 
     use super::*;
     use crate::model::DesiredFrontend;
+
+    /// The plan's writes in the order they are applied.
+    fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
+        let (plan, problems) = super::diff(desired, current);
+        (plan.ops(), problems)
+    }
 
     fn frontend(i: u32) -> FrontendAddr {
         FrontendAddr {
@@ -327,25 +409,25 @@ mod tests {
     #[test]
     fn cold_sync_programs_everything_in_make_before_break_order() {
         let desired = cluster(3, 4);
-        let (ops, _) = diff(&desired, &State::default());
-        assert_eq!(ops.len(), 3 * 4 + 3 * 4 + 3);
-        let first_slot = ops
-            .iter()
-            .position(|op| matches!(op, Op::PutSlot(..)))
-            .unwrap();
-        let last_backend = ops
-            .iter()
-            .rposition(|op| matches!(op, Op::PutBackend(..)))
-            .unwrap();
-        let first_frontend = ops
-            .iter()
-            .position(|op| matches!(op, Op::PutFrontend(..)))
-            .unwrap();
-        let last_slot = ops
-            .iter()
-            .rposition(|op| matches!(op, Op::PutSlot(..)))
-            .unwrap();
-        assert!(last_backend < first_slot && last_slot < first_frontend);
+        let (plan, _) = super::diff(&desired, &State::default());
+        assert_eq!(plan.ops().len(), 3 * 4 + 3 * 4 + 3);
+        assert_eq!(plan.frontends.len(), 3, "a unit per frontend");
+        for unit in &plan.frontends {
+            let ops = &unit.writes;
+            let first_slot = ops
+                .iter()
+                .position(|op| matches!(op, Op::PutSlot(..)))
+                .unwrap();
+            let last_backend = ops
+                .iter()
+                .rposition(|op| matches!(op, Op::PutBackend(..)))
+                .unwrap();
+            assert!(last_backend < first_slot, "{ops:?}");
+            assert!(
+                matches!(ops.last(), Some(Op::PutFrontend(..))),
+                "the frontend entry last: {ops:?}"
+            );
+        }
         let state = synced(&desired);
         for (_, tiers) in programmed(&state) {
             assert_eq!(tiers[0].len(), 4);
@@ -390,23 +472,49 @@ mod tests {
         desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].remove(&endpoint(0));
         let (ops, _) = diff(&desired, &state);
         ops.iter().for_each(|op| state.apply(op));
-        assert!(!state.backends.contains_key(&removed));
-        // Every other backend kept its id.
+        assert_ne!(
+            state.backends[&removed].flags & backend_flags::DRAINING,
+            0,
+            "kept, draining, while conntrack may name it"
+        );
+        // Every backend kept its id.
         for (backend, id) in &state
             .backends
             .iter()
-            .map(|(id, b)| (*b, *id))
+            .map(|(id, b)| (identity(*b), *id))
             .collect::<BTreeMap<_, _>>()
         {
             assert_eq!(ids_before.get(backend), Some(id));
         }
+        // Back in service: the same id, no longer draining.
+        desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].insert(endpoint(0));
+        let (ops, _) = diff(&desired, &state);
+        assert!(
+            ops.contains(&Op::PutBackend(
+                removed,
+                backend_value(&endpoint(0), Protocol::Tcp, false)
+            )),
+            "{ops:?}"
+        );
+        ops.iter().for_each(|op| state.apply(op));
+        assert_eq!(programmed(&synced(&desired)), programmed(&state));
+        state.backends.remove(&removed);
+        desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].remove(&endpoint(0));
         // A restart that finds the removed id in conntrack never hands it out.
         state.max_backend_id_in_use = state.max_backend_id_in_use.max(removed);
         desired.frontends.get_mut(&frontend(1)).unwrap().tiers[0].insert(endpoint(77));
         let (ops, _) = diff(&desired, &state);
-        let Op::PutBackend(new_id, _) = ops[0] else {
-            panic!("{ops:?}")
-        };
+        let new_id = ops
+            .iter()
+            .find_map(|op| match op {
+                Op::PutBackend(id, b)
+                    if *b == backend_value(&endpoint(77), Protocol::Tcp, false) =>
+                {
+                    Some(*id)
+                }
+                _ => None,
+            })
+            .expect("the new backend is written");
         assert!(new_id > removed);
     }
 
@@ -428,7 +536,22 @@ mod tests {
         assert_eq!(programmed(&synced(&desired)), programmed(&state));
         assert_eq!(state.frontends.len(), 2);
         assert_eq!(state.slots.len(), 4);
-        assert_eq!(state.backends.len(), 4);
+        let draining = |b: &&Backend| b.flags & backend_flags::DRAINING != 0;
+        assert_eq!(state.backends.values().filter(|b| !draining(b)).count(), 4);
+        assert_eq!(state.backends.values().filter(draining).count(), 2);
+    }
+
+    #[test]
+    fn a_frontend_over_the_tier_limit_keeps_what_it_serves() {
+        let mut desired = cluster(2, 3);
+        let state = synced(&desired);
+        let tier = &mut desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0];
+        for i in 0..=u32::from(u16::MAX) {
+            tier.insert(endpoint(100_000 + i));
+        }
+        let (ops, problems) = diff(&desired, &state);
+        assert_eq!(problems.len(), 1, "reported");
+        assert_eq!(ops, vec![], "nothing of it deleted or drained");
     }
 
     #[test]

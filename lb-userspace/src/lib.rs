@@ -10,6 +10,7 @@ pub mod attach;
 pub mod bpffs;
 pub mod cleanup;
 pub mod clock;
+pub mod conntrack;
 pub mod datapath;
 pub mod dataplane;
 pub mod diff;

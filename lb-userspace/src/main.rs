@@ -121,6 +121,11 @@ struct AgentArgs {
     /// leaves them to TC.
     #[arg(long, value_enum, default_value = "auto")]
     xdp_tx: XdpTxSetting,
+    /// Capacity of the conntrack table in entries, two per flow (about 100
+    /// bytes of kernel memory each).
+    #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    conntrack_max: u32,
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
@@ -237,6 +242,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             XdpTxSetting::On => attach::XdpTx::On,
             XdpTxSetting::Off => attach::XdpTx::Off,
         },
+        conntrack_max: args.conntrack_max,
         bpffs: args.bpffs,
         metrics_addr: args.metrics_addr,
         healthz_addr: args.healthz_addr,

@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, Reason, SlotKey, SourceRangeKey, maps,
+    REASON_COUNT, Reason, SlotKey, SourceRangeKey, ct_event, maps,
 };
 
 use crate::Error;
@@ -21,6 +21,7 @@ pub struct Maps {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub xdp_tx_ifaces: HashMap<MapData, u32, u8>,
+    pub conntrack_events: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -54,7 +55,22 @@ impl Maps {
             source_ranges: typed(maps::SOURCE_RANGES, open(maps::SOURCE_RANGES)?)?,
             counters: typed(maps::COUNTERS, open(maps::COUNTERS)?)?,
             xdp_tx_ifaces: typed(maps::XDP_TX_IFACES, open(maps::XDP_TX_IFACES)?)?,
+            conntrack_events: typed(maps::CONNTRACK_EVENTS, open(maps::CONNTRACK_EVENTS)?)?,
         })
+    }
+
+    /// The conntrack event counters summed over all CPUs, by
+    /// `lb_common::ct_event` index.
+    pub fn conntrack_events(&self) -> Result<[u64; ct_event::COUNT as usize], Error> {
+        let mut totals = [0; ct_event::COUNT as usize];
+        for (index, total) in totals.iter_mut().enumerate() {
+            let per_cpu = self
+                .conntrack_events
+                .get(&(index as u32), 0)
+                .map_err(Error::map(maps::CONNTRACK_EVENTS))?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(totals)
     }
 
     /// The counters summed over all CPUs, one per [`Reason`].

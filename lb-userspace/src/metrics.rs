@@ -42,6 +42,13 @@ pub struct Metrics {
     invalid_objects: Family<ReasonLabel, Counter>,
     datapath_packets: Family<ReasonLabel, Counter>,
     datapath_bytes: Family<ReasonLabel, Counter>,
+    conntrack_entries: Gauge,
+    conntrack_capacity: Gauge,
+    conntrack_expired_removed: Counter,
+    conntrack_evictions: Counter,
+    backends_draining_deleted: Counter,
+    sync_failed_writes: Counter,
+    sync_retries: Counter,
     /// Datapath totals already added to the counters, by reason.
     datapath_seen: Mutex<[(u64, u64); REASON_COUNT]>,
     /// Unix milliseconds of the loop's last pass.
@@ -91,9 +98,58 @@ impl Metrics {
             "Bytes seen by the datapath, by verdict or drop reason",
             datapath_bytes.clone(),
         );
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "conntrack_entries",
+            "Live conntrack entries (two per flow), as of the agent's last walk",
+            conntrack_entries.clone(),
+        );
+        let conntrack_capacity = Gauge::default();
+        registry.register(
+            "conntrack_capacity",
+            "Capacity of the conntrack table in entries (--conntrack-max)",
+            conntrack_capacity.clone(),
+        );
+        let conntrack_expired_removed = Counter::default();
+        registry.register(
+            "conntrack_expired_removed",
+            "Expired conntrack entries removed by the agent's walk",
+            conntrack_expired_removed.clone(),
+        );
+        let conntrack_evictions = Counter::default();
+        registry.register(
+            "conntrack_evictions",
+            "Conntrack entries the full table evicted (LRU) to make room: non-zero means --conntrack-max is too small for the load",
+            conntrack_evictions.clone(),
+        );
+        let backends_draining_deleted = Counter::default();
+        registry.register(
+            "backends_drained",
+            "Draining backends deleted once no conntrack entry named them",
+            backends_draining_deleted.clone(),
+        );
+        let sync_failed_writes = Counter::default();
+        registry.register(
+            "sync_failed_writes",
+            "Map writes that failed (their frontend kept its previous state and is retried)",
+            sync_failed_writes.clone(),
+        );
+        let sync_retries = Counter::default();
+        registry.register(
+            "sync_retries",
+            "Syncs run again after a failed write, with backoff",
+            sync_retries.clone(),
+        );
         Self {
             registry,
             sync_duration,
+            conntrack_entries,
+            conntrack_capacity,
+            conntrack_expired_removed,
+            conntrack_evictions,
+            backends_draining_deleted,
+            sync_failed_writes,
+            sync_retries,
             frontends,
             backends,
             invalid_objects,
@@ -110,6 +166,30 @@ impl Metrics {
         self.sync_duration.observe(duration.as_secs_f64());
         self.frontends.set(frontends as i64);
         self.backends.set(backends as i64);
+    }
+
+    /// What a conntrack walk found and did.
+    pub fn observe_conntrack(
+        &self,
+        walk: &crate::conntrack::Walk,
+        capacity: u32,
+        evictions: u64,
+        backends_deleted: usize,
+    ) {
+        self.conntrack_entries.set(walk.entries as i64);
+        self.conntrack_capacity.set(i64::from(capacity));
+        self.conntrack_expired_removed.inc_by(walk.removed as u64);
+        self.conntrack_evictions.inc_by(evictions);
+        self.backends_draining_deleted
+            .inc_by(backends_deleted as u64);
+    }
+
+    /// Writes of one sync that failed, and whether that sync was a retry.
+    pub fn count_sync_failures(&self, failed_writes: usize, retry: bool) {
+        self.sync_failed_writes.inc_by(failed_writes as u64);
+        if retry {
+            self.sync_retries.inc();
+        }
     }
 
     pub fn count_invalid(&self, reason: &Invalid) {

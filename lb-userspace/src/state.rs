@@ -20,6 +20,9 @@ pub struct State {
     /// are never handed out again (a flow must not follow a reused id to
     /// another pod).
     pub max_backend_id_in_use: u32,
+    /// The highest frontend id ever programmed or still named by conntrack
+    /// or affinity entries: a new frontend never inherits another's.
+    pub max_frontend_id_in_use: u32,
 }
 
 /// One map write. Applied in the order the diff returns them.
@@ -54,6 +57,7 @@ impl State {
             }
             Op::PutFrontend(key, frontend) => {
                 self.frontends.insert(key, frontend);
+                self.max_frontend_id_in_use = self.max_frontend_id_in_use.max(frontend.id);
             }
             Op::DeleteFrontend(key) => {
                 self.frontends.remove(&key);

@@ -1,13 +1,22 @@
 //! One sync: snapshot → model → diff → dataplane, with the problems found
 //! on the way reported once each.
+//!
+//! Failures stay local: each frontend's writes are applied as a unit, and a
+//! unit whose write fails (a full map) stops before its frontend entry, so
+//! that frontend keeps serving what it served; the others go on. The sync
+//! is then retried with backoff (100 ms, doubling, at most 1 s) until it
+//! goes through.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
+use lb_common::backend_flags;
+
 use crate::{
     Error,
+    conntrack::Walk,
     dataplane::Dataplane,
     diff::diff,
     model::{self, Node},
@@ -16,6 +25,11 @@ use crate::{
     state::{Op, State},
 };
 
+/// The first retry of a failed sync, doubled per failure up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Keeps a dataplane equal to what snapshots say.
 pub struct Syncer<D> {
     dataplane: D,
@@ -23,12 +37,18 @@ pub struct Syncer<D> {
     mirror: State,
     /// The problems of the previous sync, so each is reported once.
     reported: BTreeSet<Problem>,
+    /// Backends that no slot holds, by when they started draining.
+    draining_since: BTreeMap<u32, Instant>,
+    /// When a failed sync is due again, and the backoff that led there.
+    retry: Option<(Instant, Duration)>,
 }
 
 /// What one sync did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub writes: usize,
+    /// Writes that failed (their frontends kept their previous state).
+    pub failed_writes: usize,
     /// Problems not seen in the previous sync.
     pub new_problems: Vec<Problem>,
     pub frontends: usize,
@@ -40,7 +60,13 @@ pub struct SyncReport {
     pub model_duration: Duration,
     pub diff_duration: Duration,
     /// The healthCheckNodePorts this node must serve.
-    pub health_checks: std::collections::BTreeMap<u16, crate::model::HealthCheck>,
+    pub health_checks: BTreeMap<u16, crate::model::HealthCheck>,
+}
+
+/// The Service object a `namespace/name:port` names, as problems name it.
+fn service_of(service_port: &str) -> String {
+    let service = service_port.split(':').next().unwrap_or(service_port);
+    format!("Service {service}")
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -48,10 +74,19 @@ impl<D: Dataplane> Syncer<D> {
     /// are reconciled, not flushed).
     pub fn new(dataplane: D) -> Result<Self, Error> {
         let mirror = dataplane.read()?;
+        let now = Instant::now();
+        let draining_since = mirror
+            .backends
+            .iter()
+            .filter(|(_, b)| b.flags & backend_flags::DRAINING != 0)
+            .map(|(id, _)| (*id, now))
+            .collect();
         Ok(Self {
             dataplane,
             mirror,
             reported: BTreeSet::new(),
+            draining_since,
+            retry: None,
         })
     }
 
@@ -66,43 +101,68 @@ impl<D: Dataplane> Syncer<D> {
         &self.dataplane
     }
 
+    /// Whether a failed sync is due for its retry at `now`.
+    pub fn retry_due(&self, now: Instant) -> bool {
+        self.retry.is_some_and(|(at, _)| now >= at)
+    }
+
     /// Programs what `snapshot` says for `node`.
     pub fn sync(&mut self, snapshot: &Snapshot, node: &Node) -> SyncReport {
         let started = Instant::now();
         let (desired, mut problems) = model::desired(snapshot, node);
         let model_duration = started.elapsed();
-        let (ops, capacity) = diff(&desired, &self.mirror);
+        let (plan, capacity) = diff(&desired, &self.mirror);
         let diff_duration = started.elapsed() - model_duration;
         problems.extend(capacity);
+        let forget = affinity_to_forget(&plan.ops(), &self.mirror);
         let mut writes = 0;
-        let forget = affinity_to_forget(&ops, &self.mirror);
-        for op in &ops {
-            match self.dataplane.write(op) {
-                Ok(()) => {
-                    self.mirror.apply(op);
-                    writes += 1;
+        let mut failed_writes = 0;
+        for unit in &plan.frontends {
+            let (done, failure) = self.apply_unit(&unit.writes);
+            writes += done;
+            if let Some(err) = failure {
+                failed_writes += 1;
+                problems.push(Problem::new(
+                    service_of(&unit.service_port),
+                    Invalid::Capacity(format!("{}: {err}", unit.service_port)),
+                ));
+            }
+        }
+        for op in &plan.cleanup {
+            match self.write(op) {
+                Ok(()) => writes += 1,
+                Err(err) => {
+                    failed_writes += 1;
+                    problems.push(Problem::new(
+                        "xlb datapath",
+                        Invalid::Capacity(format!("{op:?}: {err}")),
+                    ));
                 }
-                // A full map: this write is lost, the others go on; the
-                // next sync retries it.
-                Err(err) => problems.push(Problem::new(
-                    format!("map write {op:?}"),
-                    Invalid::Capacity(err.to_string()),
-                )),
             }
         }
         if !forget.is_empty()
             && let Err(err) = self.dataplane.forget_affinity(&forget)
         {
+            failed_writes += 1;
             problems.push(Problem::new(
                 "affinity entries",
                 Invalid::Capacity(err.to_string()),
             ));
         }
+        self.retry = match (failed_writes, self.retry) {
+            (0, _) => None,
+            (_, None) => Some((Instant::now() + RETRY_FIRST, RETRY_FIRST)),
+            (_, Some((_, backoff))) => {
+                let backoff = (backoff * 2).min(RETRY_MAX);
+                Some((Instant::now() + backoff, backoff))
+            }
+        };
         let current: BTreeSet<Problem> = problems.into_iter().collect();
         let new_problems = current.difference(&self.reported).cloned().collect();
         self.reported = current;
         SyncReport {
             writes,
+            failed_writes,
             new_problems,
             frontends: self.mirror.frontends.len(),
             backends: self.mirror.backends.len(),
@@ -111,6 +171,64 @@ impl<D: Dataplane> Syncer<D> {
             diff_duration,
             health_checks: desired.health_checks,
         }
+    }
+
+    /// Applies one frontend's writes until one fails; a slot is never
+    /// written before its backend is in the maps (another unit may have
+    /// failed to write a backend they share). Returns the writes made, and
+    /// the failure that stopped the unit.
+    fn apply_unit(&mut self, writes: &[Op]) -> (usize, Option<Error>) {
+        for (done, op) in writes.iter().enumerate() {
+            if let Op::PutSlot(_, id) = op
+                && !self.mirror.backends.contains_key(id)
+            {
+                return (done, Some(Error::MissingBackend(*id)));
+            }
+            if let Err(err) = self.write(op) {
+                return (done, Some(err));
+            }
+        }
+        (writes.len(), None)
+    }
+
+    /// One write, mirrored when it went through.
+    fn write(&mut self, op: &Op) -> Result<(), Error> {
+        self.dataplane.write(op)?;
+        self.mirror.apply(op);
+        match *op {
+            Op::PutBackend(id, backend) if backend.flags & backend_flags::DRAINING != 0 => {
+                self.draining_since.entry(id).or_insert_with(Instant::now);
+            }
+            Op::PutBackend(id, _) | Op::DeleteBackend(id) => {
+                self.draining_since.remove(&id);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Takes in a conntrack walk that started at `started`: ids its live
+    /// entries name are never handed out again, and draining backends that
+    /// drained before it started and that no entry names are deleted.
+    /// Returns how many were.
+    pub fn conntrack_walked(&mut self, started: Instant, walk: &Walk) -> usize {
+        if let Some(max) = walk.backends.last() {
+            self.mirror.max_backend_id_in_use = self.mirror.max_backend_id_in_use.max(*max);
+        }
+        let unused: Vec<u32> = self
+            .draining_since
+            .iter()
+            .filter(|(id, since)| **since < started && !walk.backends.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut deleted = 0;
+        for id in unused {
+            // A failed delete is tried again after the next walk.
+            if self.write(&Op::DeleteBackend(id)).is_ok() {
+                deleted += 1;
+            }
+        }
+        deleted
     }
 }
 
@@ -256,11 +374,12 @@ mod transitions {
             assert_eq!(
                 state
                     .backends
-                    .keys()
-                    .copied()
+                    .iter()
+                    .filter(|(_, b)| b.flags & backend_flags::DRAINING == 0)
+                    .map(|(id, _)| *id)
                     .collect::<std::collections::BTreeSet<_>>(),
                 used,
-                "{step}: stray backends"
+                "{step}: stray backends (the others drain)"
             );
             let (desired, _): (Desired, _) = crate::model::desired(&snapshot, &node);
             assert_eq!(desired.frontends.len(), frontends, "{step}");
@@ -307,5 +426,206 @@ mod affinity {
             ),
         ];
         assert_eq!(affinity_to_forget(&ops, &current), BTreeSet::from([1, 2]));
+    }
+}
+
+#[cfg(test)]
+mod failures {
+    //! Sync failures stay local, and draining backends stay while
+    //! conntrack names them: a dataplane that fails the writes a test
+    //! chooses.
+
+    use std::{net::Ipv4Addr, time::Instant};
+
+    use lb_common::{Backend, ipv4_raw};
+
+    use super::*;
+    use crate::source::file::parse_into;
+
+    /// In-memory maps whose writes fail while `fails` says so, as a full
+    /// map refuses new entries.
+    struct Flaky {
+        state: State,
+        fails: fn(&Op) -> bool,
+    }
+
+    impl Dataplane for Flaky {
+        fn read(&self) -> Result<State, Error> {
+            Ok(self.state.clone())
+        }
+
+        fn write(&mut self, op: &Op) -> Result<(), Error> {
+            if (self.fails)(op) {
+                let io_error = std::io::Error::from_raw_os_error(libc::E2BIG);
+                let source = aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error,
+                });
+                return Err(Error::Map {
+                    name: "test",
+                    source,
+                });
+            }
+            self.state.apply(op);
+            Ok(())
+        }
+
+        fn forget_affinity(&mut self, _: &BTreeSet<u32>) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    /// Services `a` (10.96.0.1) over 10.244.1.1 and `b` (10.96.0.2) over
+    /// `b_endpoints`.
+    fn snapshot(b_endpoints: &[&str]) -> Snapshot {
+        let service = |name: &str, ip: &str, endpoints: &[&str]| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints: [{}]\n---\n",
+                endpoints
+                    .iter()
+                    .map(|e| format!("{{addresses: [{e}]}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let text =
+            service("a", "10.96.0.1", &["10.244.1.1"]) + &service("b", "10.96.0.2", b_endpoints);
+        let mut snapshot = Snapshot::default();
+        parse_into("test", &text, &mut snapshot);
+        snapshot
+    }
+
+    fn is_backend(op: &Op, ip: [u8; 4]) -> bool {
+        matches!(op, Op::PutBackend(_, b) if b.addr == ipv4_raw(ip))
+    }
+
+    /// The addresses of the backends in frontend `vip`'s slots.
+    fn served(state: &State, vip: [u8; 4]) -> Vec<Ipv4Addr> {
+        let frontend = state
+            .frontends
+            .iter()
+            .find(|(k, _)| k.addr == ipv4_raw(vip))
+            .map(|(_, f)| *f)
+            .expect("frontend");
+        state
+            .slots_of(&frontend)
+            .iter()
+            .map(|id| Ipv4Addr::from(lb_common::ipv4_octets(state.backends[id].addr)))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_frontend_as_it_was_and_the_others_go_on() {
+        let node = Node::default();
+        let mut syncer = Syncer::new(Flaky {
+            state: State::default(),
+            fails: |_| false,
+        })
+        .unwrap();
+        syncer.sync(&snapshot(&["10.244.2.1"]), &node);
+        // The backends map is full: b's new endpoint cannot be written.
+        syncer.dataplane.fails = |op| is_backend(op, [10, 244, 2, 2]);
+        let report = syncer.sync(&snapshot(&["10.244.2.1", "10.244.2.2"]), &node);
+        assert_eq!(report.failed_writes, 1);
+        let state = &syncer.dataplane().state;
+        assert_eq!(
+            served(state, [10, 96, 0, 2]),
+            ["10.244.2.1".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(state.slots.len(), 2, "no slot without its backend");
+        let problem = &report.new_problems[0];
+        assert_eq!(
+            problem.object, "Service default/b",
+            "reported on its Service"
+        );
+        assert_eq!(problem.reason.label(), "capacity");
+        // Retried with backoff, within a second.
+        assert!(!syncer.retry_due(Instant::now()));
+        assert!(syncer.retry_due(Instant::now() + Duration::from_millis(100)));
+        // The map has room again: the retry completes b.
+        syncer.dataplane.fails = |_| false;
+        let report = syncer.sync(&snapshot(&["10.244.2.1", "10.244.2.2"]), &node);
+        assert_eq!(report.failed_writes, 0);
+        assert_eq!(served(&syncer.dataplane().state, [10, 96, 0, 2]).len(), 2);
+        assert!(!syncer.retry_due(Instant::now() + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_backend_two_frontends_share_is_never_slotted_when_its_write_failed() {
+        let node = Node::default();
+        let mut syncer = Syncer::new(Flaky {
+            state: State::default(),
+            fails: |op| is_backend(op, [10, 244, 1, 1]),
+        })
+        .unwrap();
+        // a and b both over 10.244.1.1: its one write fails in a's unit,
+        // and b's unit must not slot it either.
+        let report = syncer.sync(&snapshot(&["10.244.1.1"]), &node);
+        assert_eq!(report.failed_writes, 2);
+        let state = &syncer.dataplane().state;
+        assert!(state.frontends.is_empty(), "{state:?}");
+        assert!(state.slots.is_empty(), "{state:?}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_second() {
+        let node = Node::default();
+        let mut syncer = Syncer::new(Flaky {
+            state: State::default(),
+            fails: |op| matches!(op, Op::PutFrontend(..)),
+        })
+        .unwrap();
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            syncer.sync(&snapshot(&["10.244.2.1"]), &node);
+            waits.push(syncer.retry.unwrap().1.as_millis());
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn a_draining_backend_stays_while_conntrack_names_it() {
+        let node = Node::default();
+        let mut syncer = Syncer::new(Flaky {
+            state: State::default(),
+            fails: |_| false,
+        })
+        .unwrap();
+        syncer.sync(&snapshot(&["10.244.2.1"]), &node);
+        syncer.sync(&snapshot(&["10.244.2.2"]), &node);
+        let state = &syncer.dataplane().state;
+        let (&gone, _) = state
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr == ipv4_raw([10, 244, 2, 1]))
+            .expect("kept");
+        let flagged = |s: &Syncer<Flaky>| s.dataplane().state.backends.get(&gone).copied();
+        assert_eq!(
+            flagged(&syncer).map(|b: Backend| b.flags & backend_flags::DRAINING),
+            Some(backend_flags::DRAINING)
+        );
+        // A walk that began before it drained proves nothing.
+        let before = Instant::now() - Duration::from_secs(1);
+        assert_eq!(syncer.conntrack_walked(before, &Walk::default()), 0);
+        // A later walk that finds a flow on it keeps it.
+        let named = Walk {
+            backends: BTreeSet::from([gone]),
+            ..Walk::default()
+        };
+        assert_eq!(syncer.conntrack_walked(Instant::now(), &named), 0);
+        assert!(flagged(&syncer).is_some());
+        // Once no flow names it, it goes, and its id is never handed out
+        // again.
+        assert_eq!(syncer.conntrack_walked(Instant::now(), &Walk::default()), 1);
+        assert!(flagged(&syncer).is_none());
+        syncer.sync(&snapshot(&["10.244.2.2", "10.244.2.3"]), &node);
+        assert!(
+            syncer
+                .dataplane()
+                .state
+                .backends
+                .keys()
+                .all(|id| *id != gone)
+        );
     }
 }
