@@ -374,12 +374,27 @@ mod tests {
         let metrics = Metrics::new("/nonexistent".into());
         metrics.observe_sync(Duration::from_millis(3), 2, 5);
         metrics.count_invalid(&Invalid::Port(0));
+        let walk = crate::conntrack::Walk {
+            entries: 40,
+            expired: 3,
+            removed: 2,
+            ..Default::default()
+        };
+        metrics.observe_conntrack(&walk, 1024, 7, 1);
+        metrics.count_sync_failures(2, true);
         let text = answer(Endpoints::Metrics, "/metrics", &metrics).2;
         for name in [
             "xlb_sync_duration_seconds_bucket",
             "xlb_frontends 2",
             "xlb_backends 5",
             "xlb_invalid_objects_total{reason=\"invalid_port\"} 1",
+            "xlb_conntrack_entries 40",
+            "xlb_conntrack_capacity 1024",
+            "xlb_conntrack_expired_removed_total 2",
+            "xlb_conntrack_evictions_total 7",
+            "xlb_backends_drained_total 1",
+            "xlb_sync_failed_writes_total 2",
+            "xlb_sync_retries_total 1",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -97,6 +97,11 @@ impl TestLb {
         id
     }
 
+    /// The bpffs directory the maps are pinned in.
+    pub fn bpffs(&self) -> &std::path::Path {
+        self._pins.path()
+    }
+
     /// Lets `nodeport_xdp` answer with `XDP_TX` on interface `ifindex`, as
     /// the agent does where that delivery works.
     pub fn allow_xdp_tx(&mut self, ifindex: u32) {

@@ -6,6 +6,7 @@ use lb_common::{
 };
 use lb_userspace::{
     clock::monotonic_coarse_ns,
+    conntrack::{ConntrackTable, Evictions},
     datapath::{
         Settings,
         program::{FROM_POD, TO_POD},
@@ -291,4 +292,78 @@ fn a_cpu_that_loses_the_flow_creation_race_adopts_the_winners_backend() {
             "the losers count as packets of the winner's flow"
         );
     }
+}
+
+/// The agent's walk: expired entries out (in batches), live ones counted
+/// with the backends they name; with the datapath's event counters it
+/// tells evictions, here none.
+#[test]
+fn the_agents_walk_removes_expired_entries_and_finds_the_live_backends() {
+    require_root!();
+    let mut lb = TestLb::load_with_capacities(&[(lb_common::maps::CONNTRACK, 16_384)]);
+    let ids: Vec<u32> = BACKENDS
+        .iter()
+        .map(|b| lb.add_backend(b, PROTO_UDP))
+        .collect();
+    lb.add_frontend_tiers(VIP, PROTO_UDP, &[&ids]);
+    let table = ConntrackTable::open(lb.bpffs()).unwrap();
+    assert_eq!(table.capacity(), 16_384);
+    let mut evictions = Evictions::default();
+    let events = |lb: &TestLb| lb.maps.conntrack_events().unwrap();
+    let first = table.walk(monotonic_coarse_ns()).unwrap();
+    let [created, removed] = events(&lb);
+    assert_eq!(evictions.update(&first, created, removed), 0);
+    // 6,000 flows, more than one batch: 12,000 entries.
+    for i in 0..6_000u32 {
+        let client = format!(
+            "10.244.{}.{}:{}",
+            1 + i / 60_000,
+            1 + (i / 200) % 250,
+            1000 + i % 200
+        );
+        lb.run(FROM_POD, &Packet::udp(&client, VIP).bytes());
+    }
+    let [created, removed] = events(&lb);
+    assert_eq!((created, removed), (12_000, 0));
+    let walk = table.walk(monotonic_coarse_ns()).unwrap();
+    assert_eq!((walk.entries, walk.expired, walk.removed), (12_000, 0, 0));
+    assert_eq!(walk.backends, ids.iter().copied().collect());
+    assert_eq!(evictions.update(&walk, created, removed), 0);
+    // Every entry ages past the UDP timeout: the next walk removes them all.
+    let stale = monotonic_coarse_ns() - lb_common::CT_TIMEOUT_UDP_NS - 2_000_000_000;
+    lb.edit_conntrack(|entry| entry.last_seen_ns = stale);
+    let walk = table.walk(monotonic_coarse_ns()).unwrap();
+    assert_eq!(
+        (walk.entries, walk.expired, walk.removed),
+        (0, 12_000, 12_000)
+    );
+    assert!(walk.backends.is_empty());
+    assert!(lb.conntrack().is_empty());
+    assert_eq!(evictions.update(&walk, created, removed), 0);
+}
+
+/// A table too small for its flows evicts, and the walk tells how many.
+#[test]
+fn evictions_of_a_full_table_are_counted() {
+    require_root!();
+    let mut lb = TestLb::load_with_capacities(&[(lb_common::maps::CONNTRACK, 1_024)]);
+    lb.add_frontend(VIP, PROTO_UDP, &BACKENDS);
+    let table = ConntrackTable::open(lb.bpffs()).unwrap();
+    let mut evictions = Evictions::default();
+    let [created, removed] = lb.maps.conntrack_events().unwrap();
+    evictions.update(
+        &table.walk(monotonic_coarse_ns()).unwrap(),
+        created,
+        removed,
+    );
+    for i in 0..3_000u32 {
+        let client = format!("10.244.1.{}:{}", 1 + i / 200, 1000 + i % 200);
+        lb.run(FROM_POD, &Packet::udp(&client, VIP).bytes());
+    }
+    let [created, removed] = lb.maps.conntrack_events().unwrap();
+    let walk = table.walk(monotonic_coarse_ns()).unwrap();
+    let evicted = evictions.update(&walk, created, removed);
+    assert_eq!(created, 6_000);
+    assert_eq!(evicted, 6_000 - walk.entries as u64, "{walk:?}");
+    assert!(evicted >= 6_000 - 1_024);
 }
