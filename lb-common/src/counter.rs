@@ -45,6 +45,9 @@ pub enum Reason {
     DropNoSnatPort,
     /// A packet xlb forwards itself whose TTL ran out.
     DropTtlExceeded,
+    /// An ICMP error (destination unreachable, fragmentation needed, time
+    /// exceeded) quoting a translated flow, translated like that flow.
+    IcmpError,
 }
 
 impl Reason {
@@ -66,6 +69,7 @@ impl Reason {
         Reason::DropSourceRange,
         Reason::DropNoSnatPort,
         Reason::DropTtlExceeded,
+        Reason::IcmpError,
     ];
 
     /// The snake_case name used in metrics and the `stats` command.
@@ -87,6 +91,7 @@ impl Reason {
             Reason::DropSourceRange => "drop_source_range",
             Reason::DropNoSnatPort => "drop_no_snat_port",
             Reason::DropTtlExceeded => "drop_ttl_exceeded",
+            Reason::IcmpError => "icmp_error",
         }
     }
 
@@ -107,7 +112,7 @@ impl Reason {
 }
 
 /// Number of [`Reason`]s: the size of the counters map.
-pub const REASON_COUNT: usize = 16;
+pub const REASON_COUNT: usize = 17;
 
 /// Value of the per-CPU counters map.
 #[repr(C)]

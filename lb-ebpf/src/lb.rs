@@ -143,6 +143,14 @@ fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
     } else {
         conntrack::lookup(flow, direction::FORWARD, now)
     };
+    if flow.is_icmp_error() {
+        // About a reply of a flow: translated like the flow, never one of
+        // its own.
+        return match found {
+            Found::Live(entry) => translate_forward(&entry, Reason::IcmpError),
+            _ => Verdict::Pass(Reason::PassNotLoadBalanced),
+        };
+    }
     let replace = match found {
         Found::Live(entry) if keeps_backend(flow, &entry) => {
             return translate_forward(&entry, Reason::ForwardEstablished);
@@ -221,8 +229,13 @@ fn reply(flow: &Flow, wanted: u8) -> Verdict {
         return Verdict::Drop(reason);
     }
     let snat = entry.flags & ct_flags::SNAT != 0;
+    let reason = if flow.is_icmp_error() {
+        Reason::IcmpError
+    } else {
+        Reason::RevNat
+    };
     Verdict::Translate(Translation {
-        reason: Reason::RevNat,
+        reason,
         rewrite: Rewrite {
             source: NewEnd::to(entry.nat_addr, entry.nat_port),
             destination: NewEnd::to_if(snat, entry.peer_addr, entry.peer_port),

@@ -8,7 +8,10 @@ use lb_common::PROTO_UDP;
 
 use crate::{
     csum,
-    packet::{Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet},
+    packet::{
+        Flow, ICMP_CSUM, INNER_IP, INNER_L4, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet,
+        TCP_CSUM_OFF,
+    },
 };
 
 /// New addresses and ports for one packet.
@@ -179,5 +182,95 @@ pub fn rewrite_xdp(pkt: &Packet, flow: &Flow, rewrite: &Rewrite) -> Result<(), i
     }
     // SAFETY: as above.
     unsafe { core::ptr::write_unaligned(flow.l4_csum, check) };
+    Ok(())
+}
+
+/// Applies `rewrite` — the translation of the flow an ICMP error quotes —
+/// to that error, in TC or XDP alike (direct writes; every checksum is
+/// updated incrementally, so a CHECKSUM_COMPLETE skb's sum stays right).
+///
+/// The flow's ends are the quoted packet's reversed: its new source goes
+/// into the quoted destination, its new destination into the quoted
+/// source. The outer addresses follow where they are the flow's own (an
+/// error from the backend itself, or to the node's SNAT address); an error
+/// from a router on the way keeps the router's address.
+#[inline(always)]
+pub fn rewrite_icmp_error(pkt: &Packet, flow: &Flow, rewrite: &Rewrite) -> Result<(), i64> {
+    let outer_csum = pkt.ptr_at::<u16>(IP_CSUM_OFF).ok_or(-1)?;
+    let outer_saddr = pkt.ptr_at::<u32>(IP_SADDR_OFF).ok_or(-1)?;
+    let outer_daddr = pkt.ptr_at::<u32>(IP_DADDR_OFF).ok_or(-1)?;
+    // SAFETY: the region was bounds-checked by the parser, the outer header
+    // fields just above; no helper has moved the packet. Not aligned.
+    unsafe {
+        let r = &mut *flow.icmp_error;
+        let mut icmp_csum = u16::from_ne_bytes([r[ICMP_CSUM], r[ICMP_CSUM + 1]]);
+        let mut inner_csum = u16::from_ne_bytes([r[INNER_IP + 10], r[INNER_IP + 11]]);
+        let inner_udp_csum =
+            flow.proto == PROTO_UDP && u16::from_ne_bytes([r[INNER_L4 + 6], r[INNER_L4 + 7]]) != 0;
+        let mut l4_csum = u16::from_ne_bytes([r[INNER_L4 + 6], r[INNER_L4 + 7]]);
+        // The quoted TCP header's checksum, when the error quotes that much.
+        let tcp_csum = if flow.proto == PROTO_UDP {
+            None
+        } else {
+            pkt.ptr_at::<u16>(flow.l4_off + INNER_L4 + TCP_CSUM_OFF)
+        };
+        let mut tcp_sum = tcp_csum.map(|p| core::ptr::read_unaligned(p));
+        // (new end, quoted address offset, quoted port offset, outer field
+        // that carries the same address)
+        let ends = [
+            (
+                rewrite.source.get(),
+                INNER_IP + 16,
+                INNER_L4 + 2,
+                flow.saddr,
+                outer_saddr,
+            ),
+            (
+                rewrite.destination.get(),
+                INNER_IP + 12,
+                INNER_L4,
+                flow.daddr,
+                outer_daddr,
+            ),
+        ];
+        for (new, addr_at, port_at, old_addr, outer) in ends {
+            let Some((addr, port)) = new else { continue };
+            let old_port = u16::from_ne_bytes([r[port_at], r[port_at + 1]]);
+            r[addr_at..addr_at + 4].copy_from_slice(&addr.to_ne_bytes());
+            r[port_at..port_at + 2].copy_from_slice(&port.to_ne_bytes());
+            icmp_csum = csum::replace4(icmp_csum, old_addr, addr);
+            icmp_csum = csum::replace2(icmp_csum, old_port, port);
+            inner_csum = csum::replace4(inner_csum, old_addr, addr);
+            if inner_udp_csum {
+                l4_csum = csum::replace4(l4_csum, old_addr, addr);
+                l4_csum = csum::replace2(l4_csum, old_port, port);
+            }
+            if let Some(sum) = tcp_sum.as_mut() {
+                *sum = csum::replace4(*sum, old_addr, addr);
+                *sum = csum::replace2(*sum, old_port, port);
+            }
+            if core::ptr::read_unaligned(outer) == old_addr {
+                core::ptr::write_unaligned(outer, addr);
+                let sum = core::ptr::read_unaligned(outer_csum);
+                core::ptr::write_unaligned(outer_csum, csum::replace4(sum, old_addr, addr));
+            }
+        }
+        let old_inner_csum = u16::from_ne_bytes([r[INNER_IP + 10], r[INNER_IP + 11]]);
+        icmp_csum = csum::replace2(icmp_csum, old_inner_csum, inner_csum);
+        r[INNER_IP + 10..INNER_IP + 12].copy_from_slice(&inner_csum.to_ne_bytes());
+        if inner_udp_csum {
+            if l4_csum == 0 {
+                l4_csum = 0xffff;
+            }
+            let old = u16::from_ne_bytes([r[INNER_L4 + 6], r[INNER_L4 + 7]]);
+            icmp_csum = csum::replace2(icmp_csum, old, l4_csum);
+            r[INNER_L4 + 6..INNER_L4 + 8].copy_from_slice(&l4_csum.to_ne_bytes());
+        }
+        if let (Some(ptr), Some(sum)) = (tcp_csum, tcp_sum) {
+            icmp_csum = csum::replace2(icmp_csum, core::ptr::read_unaligned(ptr), sum);
+            core::ptr::write_unaligned(ptr, sum);
+        }
+        r[ICMP_CSUM..ICMP_CSUM + 2].copy_from_slice(&icmp_csum.to_ne_bytes());
+    }
     Ok(())
 }

@@ -19,11 +19,24 @@ pub const IP_DADDR_OFF: usize = IP_OFF + 16;
 pub const MAX_HEADER_LEN: usize = ETH_HLEN + 60 + TCP_HLEN;
 
 const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
+const PROTO_ICMP: u8 = 1;
+/// ICMP destination unreachable (incl. fragmentation needed) and time
+/// exceeded: the errors that quote a packet of a flow (RFC 792, 1191).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP header, then the quoted IPv4 header (without options) and the
+/// first 8 bytes of its L4 header (the ports; UDP's checksum).
+pub const ICMP_ERROR_LEN: usize = 8 + 20 + 8;
+/// Offsets inside the ICMP error region.
+pub const ICMP_CSUM: usize = 2;
+pub const INNER_IP: usize = 8;
+pub const INNER_L4: usize = INNER_IP + 20;
 const IP_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const TCP_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-const TCP_CSUM_OFF: usize = 16;
+/// Offset of the checksum in a TCP header.
+pub const TCP_CSUM_OFF: usize = 16;
 const UDP_CSUM_OFF: usize = 6;
 /// Offset of the IPv4 TTL (the protocol follows it in the same word).
 pub const IP_TTL_OFF: usize = IP_OFF + 8;
@@ -93,6 +106,12 @@ pub struct Flow {
     /// The L4 checksum, bounds-checked like `ports`; null unless
     /// `is_complete`.
     pub l4_csum: *mut u16,
+    /// An ICMP error quoting a packet of this flow: the ICMP header and the
+    /// quoted headers ([`ICMP_ERROR_LEN`] bytes, bounds-checked), null for
+    /// a TCP or UDP packet. The flow's addresses and ports are then the
+    /// quoted packet's, reversed: what a packet of that flow travelling the
+    /// error's way would carry.
+    pub icmp_error: *mut [u8; ICMP_ERROR_LEN],
     /// The first fragment of a fragmented datagram.
     pub is_fragment: bool,
     /// The whole L4 header is present (ports alone may be).
@@ -100,6 +119,12 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// Whether this is an ICMP error about the flow, not a packet of it.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        !self.icmp_error.is_null()
+    }
+
     /// Offset of the L4 checksum.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -132,12 +157,13 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
         return Err(Reason::PassFragment);
     }
     let proto = ip[9];
+    let l4_off = IP_OFF + ip_hlen;
     let l4_hlen = match proto {
         PROTO_TCP => TCP_HLEN,
         PROTO_UDP => UDP_HLEN,
+        PROTO_ICMP => return parse_icmp_error(pkt, l4_off, frag),
         _ => return Err(Reason::PassNotLoadBalanced),
     };
-    let l4_off = IP_OFF + ip_hlen;
     let ports_ptr = pkt
         .ptr_at::<[u16; 2]>(l4_off)
         .ok_or(Reason::PassMalformed)?;
@@ -176,7 +202,44 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
         l4_off,
         ports: ports_ptr,
         l4_csum,
+        icmp_error: core::ptr::null_mut(),
         is_fragment: frag & IP_MORE_FRAGMENTS != 0,
         is_complete,
+    })
+}
+
+/// An ICMP error that quotes a TCP or UDP packet (its first fragment, no IP
+/// options). Other ICMP is not ours.
+#[inline(always)]
+fn parse_icmp_error(pkt: &Packet, l4_off: usize, frag: u16) -> Result<Flow, Reason> {
+    let region = pkt
+        .ptr_at::<[u8; ICMP_ERROR_LEN]>(l4_off)
+        .ok_or(Reason::PassNotLoadBalanced)?;
+    // SAFETY: bounds-checked just above; headers are not aligned.
+    let r = unsafe { core::ptr::read_unaligned(region) };
+    let inner_frag = u16::from_be_bytes([r[INNER_IP + 6], r[INNER_IP + 7]]);
+    let inner_proto = r[INNER_IP + 9];
+    if !matches!(r[0], ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED)
+        || r[INNER_IP] != 0x45
+        || inner_frag & IP_FRAG_OFFSET_MASK != 0
+        || !matches!(inner_proto, PROTO_TCP | PROTO_UDP)
+    {
+        return Err(Reason::PassNotLoadBalanced);
+    }
+    let addr = |at: usize| u32::from_ne_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
+    let port = |at: usize| u16::from_ne_bytes([r[at], r[at + 1]]);
+    Ok(Flow {
+        saddr: addr(INNER_IP + 16),
+        daddr: addr(INNER_IP + 12),
+        sport: port(INNER_L4 + 2),
+        dport: port(INNER_L4),
+        proto: inner_proto,
+        tcp_flags: 0,
+        l4_off,
+        ports: (region as usize + INNER_L4) as *mut [u16; 2],
+        l4_csum: core::ptr::null_mut(),
+        icmp_error: region,
+        is_fragment: frag & IP_MORE_FRAGMENTS != 0,
+        is_complete: true,
     })
 }

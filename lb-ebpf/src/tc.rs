@@ -67,7 +67,12 @@ fn translate(
     flow: &Flow,
     translation: &Translation,
 ) -> (Reason, Option<i32>) {
-    if nat::rewrite_tc(ctx, pkt, flow, &translation.rewrite).is_err() {
+    let rewritten = if flow.is_icmp_error() {
+        nat::rewrite_icmp_error(pkt, flow, &translation.rewrite)
+    } else {
+        nat::rewrite_tc(ctx, pkt, flow, &translation.rewrite)
+    };
+    if rewritten.is_err() {
         return (Reason::DropMalformed, None);
     }
     if !translation.route {

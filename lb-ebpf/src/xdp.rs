@@ -48,7 +48,7 @@ fn translate(
 ) -> Option<(Reason, u32)> {
     if !translation.route {
         // To a local pod: the stack routes it.
-        return Some(match nat::rewrite_xdp(pkt, flow, &translation.rewrite) {
+        return Some(match rewrite(pkt, flow, translation) {
             Ok(()) => (translation.reason, xdp_action::XDP_PASS),
             Err(_) => (Reason::DropMalformed, xdp_action::XDP_DROP),
         });
@@ -72,11 +72,22 @@ fn translate(
     }
     // A TTL that runs out is TC's too (it counts the drop).
     route::decrement_ttl(pkt).ok()?;
-    let done = nat::rewrite_xdp(pkt, flow, &translation.rewrite)
+    let done = rewrite(pkt, flow, translation)
         .ok()
         .and_then(|()| route::set_macs(pkt, &smac, &dmac).ok());
     Some(match done {
         Some(()) => (translation.reason, xdp_action::XDP_TX),
         None => (Reason::DropMalformed, xdp_action::XDP_DROP),
     })
+}
+
+/// The translation written into the frame: a packet of the flow, or an
+/// ICMP error about it.
+#[inline(always)]
+fn rewrite(pkt: &Packet, flow: &Flow, translation: &Translation) -> Result<(), i64> {
+    if flow.is_icmp_error() {
+        nat::rewrite_icmp_error(pkt, flow, &translation.rewrite)
+    } else {
+        nat::rewrite_xdp(pkt, flow, &translation.rewrite)
+    }
 }

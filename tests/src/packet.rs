@@ -116,7 +116,12 @@ impl Packet {
 
     /// The whole frame.
     pub fn bytes(&self) -> Vec<u8> {
-        ethernet(0x0800, &self.ipv4(&self.segment()))
+        ethernet(0x0800, &self.ip_datagram())
+    }
+
+    /// The IPv4 datagram, without the Ethernet header.
+    pub fn ip_datagram(&self) -> Vec<u8> {
+        self.ipv4(&self.segment())
     }
 
     /// The frame cut after `l4_len` bytes of the L4 header, with an IPv4
@@ -187,4 +192,73 @@ pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
     let csum = checksum::ipv4_header(&frame[14..34]);
     frame[24..26].copy_from_slice(&csum.to_be_bytes());
     frame
+}
+
+/// ICMP destination unreachable.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Its code for "fragmentation needed and DF set" (RFC 1191).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// Its code for "port unreachable".
+pub const ICMP_PORT_UNREACH: u8 = 3;
+
+/// An ICMP error from `src` to `dst` quoting `quoted` whole (as Linux
+/// does for a small datagram), every checksum computed from scratch. For
+/// "fragmentation needed" the next-hop MTU is 1280.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    quoted: &Packet,
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0];
+    let mtu: u16 = if code == ICMP_FRAG_NEEDED { 1280 } else { 0 };
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&quoted.ip_datagram());
+    let csum = checksum::ipv4_header(&icmp);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let outer = Packet {
+        src: SocketAddrV4::new(src, 0),
+        dst: SocketAddrV4::new(dst, 0),
+        proto: 1,
+        frag: 0,
+        ..Packet::udp("0.0.0.0:0", "0.0.0.0:0")
+    };
+    ethernet(0x0800, &outer.ipv4(&icmp))
+}
+
+/// What an ICMP error frame says, every checksum (outer IPv4, ICMP, quoted
+/// IPv4, quoted L4) checked from scratch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeenIcmpError {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// The quoted packet.
+    pub quoted: Seen,
+}
+
+/// Reads a frame built by [`icmp_error`] (or rewritten by the datapath).
+pub fn seen_icmp_error(frame: &[u8]) -> SeenIcmpError {
+    let ip = &frame[14..];
+    let mut header = ip[..20].to_vec();
+    let ip_csum = u16::from_be_bytes([header[10], header[11]]);
+    header[10..12].fill(0);
+    assert_eq!(
+        ip_csum,
+        checksum::ipv4_header(&header),
+        "outer IPv4 checksum"
+    );
+    assert_eq!(ip[9], 1, "ICMP");
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let mut icmp = ip[20..total].to_vec();
+    let icmp_csum = u16::from_be_bytes([icmp[2], icmp[3]]);
+    icmp[2..4].fill(0);
+    assert_eq!(icmp_csum, checksum::ipv4_header(&icmp), "ICMP checksum");
+    // The quoted datagram, read like a frame of its own.
+    let quoted = seen(&ethernet(0x0800, &ip[28..total]));
+    SeenIcmpError {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        quoted,
+    }
 }
