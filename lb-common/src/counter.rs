@@ -12,7 +12,7 @@ pub enum Reason {
     /// Not TCP/UDP, not addressed to a frontend, not a reply of a load-balanced
     /// flow: passed untouched.
     PassNotLoadBalanced,
-    /// A non-first IP fragment (no ports to match): passed untouched.
+    /// A later fragment of a datagram that is not TCP/UDP: passed untouched.
     PassFragment,
     /// Malformed or truncated, not addressed to a frontend: passed untouched.
     PassMalformed,
@@ -32,9 +32,10 @@ pub enum Reason {
     /// Addressed to a frontend whose Local traffic policy leaves no endpoint
     /// on this node: dropped, as kube-proxy does.
     DropNoLocalBackend,
-    /// The first fragment of a datagram addressed to a frontend (xlb does
-    /// not reassemble, and translating one fragment would corrupt it).
-    DropFragment,
+    /// A later fragment of a TCP/UDP datagram whose first fragment this
+    /// hook has not seen (out of order, or lost): its ports, and so its
+    /// flow, are unknown.
+    DropFragmentOutOfOrder,
     /// Addressed to a frontend but the L4 header is truncated or malformed.
     DropMalformed,
     /// The conntrack entry could not be written.
@@ -63,7 +64,7 @@ impl Reason {
         Reason::RejectNoBackend,
         Reason::DropNoBackend,
         Reason::DropNoLocalBackend,
-        Reason::DropFragment,
+        Reason::DropFragmentOutOfOrder,
         Reason::DropMalformed,
         Reason::DropConntrackFull,
         Reason::DropSourceRange,
@@ -85,7 +86,7 @@ impl Reason {
             Reason::RejectNoBackend => "reject_no_backend",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNoLocalBackend => "drop_no_local_backend",
-            Reason::DropFragment => "drop_fragment",
+            Reason::DropFragmentOutOfOrder => "drop_fragment_out_of_order",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropSourceRange => "drop_source_range",
@@ -101,7 +102,7 @@ impl Reason {
             self,
             Reason::DropNoBackend
                 | Reason::DropNoLocalBackend
-                | Reason::DropFragment
+                | Reason::DropFragmentOutOfOrder
                 | Reason::DropMalformed
                 | Reason::DropConntrackFull
                 | Reason::DropSourceRange

@@ -11,12 +11,14 @@
 mod affinity;
 mod conntrack;
 mod counter;
+mod fragment;
 mod frontend;
 pub mod maps;
 
 pub use affinity::*;
 pub use conntrack::*;
 pub use counter::*;
+pub use fragment::*;
 pub use frontend::*;
 
 /// The source address a pod sees when a Service balanced it to itself

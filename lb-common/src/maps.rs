@@ -27,6 +27,11 @@ pub const CONNTRACK_MAX: u32 = 524_288;
 /// Per-CPU conntrack event counters: [`crate::ct_event`] index → `u64`.
 pub const CONNTRACK_EVENTS: &str = "XLB_CT_EVENTS";
 
+/// IPv4 fragments (LRU): [`crate::FragmentKey`] → [`crate::FragmentPorts`].
+pub const FRAGMENTS: &str = "XLB_FRAGMENTS";
+/// Capacity of [`FRAGMENTS`]: fragmented datagrams in flight at once.
+pub const FRAGMENTS_MAX: u32 = 16_384;
+
 /// ClientIP session affinity (LRU): [`crate::AffinityKey`] →
 /// [`crate::AffinityEntry`].
 pub const AFFINITY: &str = "XLB_AFFINITY";
@@ -50,12 +55,13 @@ pub const XDP_TX_IFACES: &str = "XLB_XDP_TX_IFACES";
 pub const XDP_TX_IFACES_MAX: u32 = 256;
 
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     FRONTENDS,
     SLOTS,
     BACKENDS,
     CONNTRACK,
     CONNTRACK_EVENTS,
+    FRAGMENTS,
     AFFINITY,
     SOURCE_RANGES,
     COUNTERS,

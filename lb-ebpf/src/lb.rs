@@ -80,16 +80,15 @@ fn pass_reason(flow: &Flow) -> Reason {
     }
 }
 
-/// A load-balanced packet is translated only whole: rewriting the first
-/// fragment of a datagram, or a truncated header, would corrupt it.
+/// A load-balanced packet is translated only with its whole L4 header (a
+/// later fragment has none, and needs none): rewriting a truncated one
+/// would corrupt it.
 #[inline(always)]
 fn translatable(flow: &Flow) -> Result<(), Reason> {
-    if flow.is_fragment {
-        Err(Reason::DropFragment)
-    } else if !flow.is_complete {
-        Err(Reason::DropMalformed)
-    } else {
+    if flow.is_complete {
         Ok(())
+    } else {
+        Err(Reason::DropMalformed)
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod conntrack;
 mod csum;
+mod fragment;
 mod frontend;
 mod lb;
 mod maps;

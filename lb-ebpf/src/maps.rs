@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, SlotKey, SourceRangeKey, ct_event, maps,
+    AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, FragmentKey, FragmentPorts,
+    Frontend, FrontendKey, REASON_COUNT, SlotKey, SourceRangeKey, ct_event, maps,
 };
 
 /// What clients address: (address, port, protocol, scope) → frontend.
@@ -35,6 +35,12 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(maps::CONN
 /// (`lb_common::ct_event`): the agent's walk tells evictions from them.
 #[map(name = "XLB_CT_EVENTS")]
 pub static CONNTRACK_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(ct_event::COUNT, 0);
+
+/// The first fragment's ports of each fragmented TCP/UDP datagram a hook
+/// saw, so that its later fragments follow it; LRU (datagrams are short).
+#[map(name = "XLB_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::pinned(maps::FRAGMENTS_MAX, 0);
 
 /// ClientIP session affinity per (frontend, client); LRU like conntrack.
 #[map(name = "XLB_AFFINITY")]

@@ -9,8 +9,8 @@ use lb_common::PROTO_UDP;
 use crate::{
     csum,
     packet::{
-        Flow, ICMP_CSUM, INNER_IP, INNER_L4, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, Packet,
-        TCP_CSUM_OFF,
+        Flow, Fragment, ICMP_CSUM, ICMP_ERROR_LEN, INNER_IP, INNER_L4, IP_CSUM_OFF, IP_DADDR_OFF,
+        IP_SADDR_OFF, Packet, TCP_CSUM_OFF,
     },
 };
 
@@ -113,8 +113,11 @@ fn rewrite_headers(pkt: &Packet, flow: &Flow, ends: &[Option<End>; 2]) -> Result
             core::ptr::write_unaligned(addr_ptr, addr);
             let ip_csum = core::ptr::read_unaligned(ip_csum_ptr);
             core::ptr::write_unaligned(ip_csum_ptr, csum::replace4(ip_csum, old_addr, addr));
-            let port_ptr = (flow.ports as *mut u16).add(port_index);
-            core::ptr::write_unaligned(port_ptr, port);
+            // A later fragment has no ports to write.
+            if !flow.ports.is_null() {
+                let port_ptr = (flow.ports as *mut u16).add(port_index);
+                core::ptr::write_unaligned(port_ptr, port);
+            }
         }
     }
     Ok(())
@@ -136,6 +139,10 @@ pub fn rewrite_tc(
 ) -> Result<(), i64> {
     let ends = rewrite.ends(flow);
     rewrite_headers(pkt, flow, &ends)?;
+    if flow.fragment == Fragment::Later {
+        // The L4 checksum lives in the first fragment.
+        return Ok(());
+    }
     // UDP: a zero checksum means "none" and must stay zero (and a computed
     // zero is written as 0xffff).
     let mangled = if flow.proto == PROTO_UDP {
@@ -165,6 +172,9 @@ pub fn rewrite_tc(
 pub fn rewrite_xdp(pkt: &Packet, flow: &Flow, rewrite: &Rewrite) -> Result<(), i64> {
     let ends = rewrite.ends(flow);
     rewrite_headers(pkt, flow, &ends)?;
+    if flow.fragment == Fragment::Later {
+        return Ok(());
+    }
     if flow.l4_csum.is_null() {
         return Err(-1);
     }
@@ -199,78 +209,105 @@ pub fn rewrite_icmp_error(pkt: &Packet, flow: &Flow, rewrite: &Rewrite) -> Resul
     let outer_csum = pkt.ptr_at::<u16>(IP_CSUM_OFF).ok_or(-1)?;
     let outer_saddr = pkt.ptr_at::<u32>(IP_SADDR_OFF).ok_or(-1)?;
     let outer_daddr = pkt.ptr_at::<u32>(IP_DADDR_OFF).ok_or(-1)?;
-    // SAFETY: the region was bounds-checked by the parser, the outer header
-    // fields just above; no helper has moved the packet. Not aligned.
+    // The quoted TCP header's checksum, when the error quotes that much.
+    let tcp_csum = if flow.proto == PROTO_UDP {
+        None
+    } else {
+        pkt.ptr_at::<u16>(flow.l4_off + INNER_L4 + TCP_CSUM_OFF)
+    };
+    // SAFETY: the region was bounds-checked by the parser, the other fields
+    // just above; no helper has moved the packet. Not aligned.
     unsafe {
         let r = &mut *flow.icmp_error;
-        let mut icmp_csum = u16::from_ne_bytes([r[ICMP_CSUM], r[ICMP_CSUM + 1]]);
-        let mut inner_csum = u16::from_ne_bytes([r[INNER_IP + 10], r[INNER_IP + 11]]);
-        let inner_udp_csum =
-            flow.proto == PROTO_UDP && u16::from_ne_bytes([r[INNER_L4 + 6], r[INNER_L4 + 7]]) != 0;
-        let mut l4_csum = u16::from_ne_bytes([r[INNER_L4 + 6], r[INNER_L4 + 7]]);
-        // The quoted TCP header's checksum, when the error quotes that much.
-        let tcp_csum = if flow.proto == PROTO_UDP {
-            None
-        } else {
-            pkt.ptr_at::<u16>(flow.l4_off + INNER_L4 + TCP_CSUM_OFF)
+        let mut sums = IcmpSums {
+            icmp: read16::<ICMP_CSUM>(r),
+            inner_ip: read16::<{ INNER_IP + 10 }>(r),
+            inner_udp: if flow.proto == PROTO_UDP {
+                Some(read16::<{ INNER_L4 + 6 }>(r)).filter(|sum| *sum != 0)
+            } else {
+                None
+            },
+            inner_tcp: tcp_csum.map(|p| core::ptr::read_unaligned(p)),
         };
-        let mut tcp_sum = tcp_csum.map(|p| core::ptr::read_unaligned(p));
-        // (new end, quoted address offset, quoted port offset, outer field
-        // that carries the same address)
-        let ends = [
-            (
-                rewrite.source.get(),
-                INNER_IP + 16,
-                INNER_L4 + 2,
-                flow.saddr,
-                outer_saddr,
-            ),
-            (
-                rewrite.destination.get(),
-                INNER_IP + 12,
-                INNER_L4,
-                flow.daddr,
-                outer_daddr,
-            ),
-        ];
-        for (new, addr_at, port_at, old_addr, outer) in ends {
-            let Some((addr, port)) = new else { continue };
-            let old_port = u16::from_ne_bytes([r[port_at], r[port_at + 1]]);
-            r[addr_at..addr_at + 4].copy_from_slice(&addr.to_ne_bytes());
-            r[port_at..port_at + 2].copy_from_slice(&port.to_ne_bytes());
-            icmp_csum = csum::replace4(icmp_csum, old_addr, addr);
-            icmp_csum = csum::replace2(icmp_csum, old_port, port);
-            inner_csum = csum::replace4(inner_csum, old_addr, addr);
-            if inner_udp_csum {
-                l4_csum = csum::replace4(l4_csum, old_addr, addr);
-                l4_csum = csum::replace2(l4_csum, old_port, port);
-            }
-            if let Some(sum) = tcp_sum.as_mut() {
-                *sum = csum::replace4(*sum, old_addr, addr);
-                *sum = csum::replace2(*sum, old_port, port);
-            }
-            if core::ptr::read_unaligned(outer) == old_addr {
-                core::ptr::write_unaligned(outer, addr);
+        if let Some((addr, port)) = rewrite.source.get() {
+            let outer = core::ptr::read_unaligned(outer_saddr) == flow.saddr;
+            quoted_end::<{ INNER_IP + 16 }, { INNER_L4 + 2 }>(r, &mut sums, flow.saddr, addr, port);
+            if outer {
+                core::ptr::write_unaligned(outer_saddr, addr);
                 let sum = core::ptr::read_unaligned(outer_csum);
-                core::ptr::write_unaligned(outer_csum, csum::replace4(sum, old_addr, addr));
+                core::ptr::write_unaligned(outer_csum, csum::replace4(sum, flow.saddr, addr));
             }
         }
-        let old_inner_csum = u16::from_ne_bytes([r[INNER_IP + 10], r[INNER_IP + 11]]);
-        icmp_csum = csum::replace2(icmp_csum, old_inner_csum, inner_csum);
-        r[INNER_IP + 10..INNER_IP + 12].copy_from_slice(&inner_csum.to_ne_bytes());
-        if inner_udp_csum {
-            if l4_csum == 0 {
-                l4_csum = 0xffff;
+        if let Some((addr, port)) = rewrite.destination.get() {
+            let outer = core::ptr::read_unaligned(outer_daddr) == flow.daddr;
+            quoted_end::<{ INNER_IP + 12 }, INNER_L4>(r, &mut sums, flow.daddr, addr, port);
+            if outer {
+                core::ptr::write_unaligned(outer_daddr, addr);
+                let sum = core::ptr::read_unaligned(outer_csum);
+                core::ptr::write_unaligned(outer_csum, csum::replace4(sum, flow.daddr, addr));
             }
-            let old = u16::from_ne_bytes([r[INNER_L4 + 6], r[INNER_L4 + 7]]);
-            icmp_csum = csum::replace2(icmp_csum, old, l4_csum);
-            r[INNER_L4 + 6..INNER_L4 + 8].copy_from_slice(&l4_csum.to_ne_bytes());
         }
-        if let (Some(ptr), Some(sum)) = (tcp_csum, tcp_sum) {
-            icmp_csum = csum::replace2(icmp_csum, core::ptr::read_unaligned(ptr), sum);
+        // The quoted checksums are ICMP payload too.
+        let old = read16::<{ INNER_IP + 10 }>(r);
+        sums.icmp = csum::replace2(sums.icmp, old, sums.inner_ip);
+        write16::<{ INNER_IP + 10 }>(r, sums.inner_ip);
+        if let Some(mut sum) = sums.inner_udp {
+            if sum == 0 {
+                sum = 0xffff;
+            }
+            let old = read16::<{ INNER_L4 + 6 }>(r);
+            sums.icmp = csum::replace2(sums.icmp, old, sum);
+            write16::<{ INNER_L4 + 6 }>(r, sum);
+        }
+        if let (Some(ptr), Some(sum)) = (tcp_csum, sums.inner_tcp) {
+            sums.icmp = csum::replace2(sums.icmp, core::ptr::read_unaligned(ptr), sum);
             core::ptr::write_unaligned(ptr, sum);
         }
-        r[ICMP_CSUM..ICMP_CSUM + 2].copy_from_slice(&icmp_csum.to_ne_bytes());
+        write16::<ICMP_CSUM>(r, sums.icmp);
     }
     Ok(())
+}
+
+/// The checksums an ICMP error's translation updates, as they become.
+struct IcmpSums {
+    icmp: u16,
+    inner_ip: u16,
+    /// `None` for TCP, and for UDP without a checksum.
+    inner_udp: Option<u16>,
+    /// When the quoted TCP header is there in full.
+    inner_tcp: Option<u16>,
+}
+
+/// Writes one end of the quoted packet (address at `ADDR`, port at `PORT`
+/// of the region; constants, so no bounds check survives) and moves every
+/// checksum that covers it.
+#[inline(always)]
+fn quoted_end<const ADDR: usize, const PORT: usize>(
+    r: &mut [u8; ICMP_ERROR_LEN],
+    sums: &mut IcmpSums,
+    old_addr: u32,
+    addr: u32,
+    port: u16,
+) {
+    let old_port = read16::<PORT>(r);
+    r[ADDR..ADDR + 4].copy_from_slice(&addr.to_ne_bytes());
+    write16::<PORT>(r, port);
+    sums.icmp = csum::replace2(csum::replace4(sums.icmp, old_addr, addr), old_port, port);
+    sums.inner_ip = csum::replace4(sums.inner_ip, old_addr, addr);
+    if let Some(sum) = sums.inner_udp.as_mut() {
+        *sum = csum::replace2(csum::replace4(*sum, old_addr, addr), old_port, port);
+    }
+    if let Some(sum) = sums.inner_tcp.as_mut() {
+        *sum = csum::replace2(csum::replace4(*sum, old_addr, addr), old_port, port);
+    }
+}
+
+#[inline(always)]
+fn read16<const AT: usize>(r: &[u8; ICMP_ERROR_LEN]) -> u16 {
+    u16::from_ne_bytes([r[AT], r[AT + 1]])
+}
+
+#[inline(always)]
+fn write16<const AT: usize>(r: &mut [u8; ICMP_ERROR_LEN], value: u16) {
+    r[AT..AT + 2].copy_from_slice(&value.to_ne_bytes());
 }

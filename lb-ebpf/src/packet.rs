@@ -82,6 +82,17 @@ impl Packet {
     }
 }
 
+/// Where a packet stands in its IPv4 datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// The first fragment: it carries the L4 header.
+    First,
+    /// A later fragment: no L4 header, addresses only.
+    Later,
+}
+
 /// A TCP or UDP packet's addressing, as the parser found it.
 #[derive(Clone, Copy)]
 pub struct Flow {
@@ -99,7 +110,8 @@ pub struct Flow {
     /// Offset of the L4 header (after IP options).
     pub l4_off: usize,
     /// The source and destination ports in the packet, bounds-checked by
-    /// the parser. Kept as a pointer because the verifier does not carry a
+    /// the parser; null in a later fragment, which has none (its `sport` and
+    /// `dport` come from its first fragment). Kept as a pointer because the verifier does not carry a
     /// range check across a recomputed variable offset (IP options), and
     /// LLVM drops a second check it can prove redundant.
     pub ports: *mut [u16; 2],
@@ -112,8 +124,10 @@ pub struct Flow {
     /// quoted packet's, reversed: what a packet of that flow travelling the
     /// error's way would carry.
     pub icmp_error: *mut [u8; ICMP_ERROR_LEN],
-    /// The first fragment of a fragmented datagram.
-    pub is_fragment: bool,
+    /// Where the packet stands in its datagram.
+    pub fragment: Fragment,
+    /// The IPv4 identification field, wire order (keys fragments).
+    pub ip_id: u16,
     /// The whole L4 header is present (ports alone may be).
     pub is_complete: bool,
 }
@@ -153,15 +167,36 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
     }
     let total_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if frag & IP_FRAG_OFFSET_MASK != 0 {
-        return Err(Reason::PassFragment);
-    }
+    let ip_id = u16::from_ne_bytes([ip[4], ip[5]]);
     let proto = ip[9];
     let l4_off = IP_OFF + ip_hlen;
+    let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    if frag & IP_FRAG_OFFSET_MASK != 0 {
+        if !matches!(proto, PROTO_TCP | PROTO_UDP) {
+            return Err(Reason::PassFragment);
+        }
+        // Its ports come from its first fragment (`fragment::follow`).
+        return Ok(Flow {
+            saddr,
+            daddr,
+            sport: 0,
+            dport: 0,
+            proto,
+            tcp_flags: 0,
+            l4_off,
+            ports: core::ptr::null_mut(),
+            l4_csum: core::ptr::null_mut(),
+            icmp_error: core::ptr::null_mut(),
+            fragment: Fragment::Later,
+            ip_id,
+            is_complete: true,
+        });
+    }
     let l4_hlen = match proto {
         PROTO_TCP => TCP_HLEN,
         PROTO_UDP => UDP_HLEN,
-        PROTO_ICMP => return parse_icmp_error(pkt, l4_off, frag),
+        PROTO_ICMP if frag & IP_MORE_FRAGMENTS == 0 => return parse_icmp_error(pkt, l4_off),
         _ => return Err(Reason::PassNotLoadBalanced),
     };
     let ports_ptr = pkt
@@ -193,8 +228,8 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
         l4_csum = core::ptr::null_mut();
     }
     Ok(Flow {
-        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        saddr,
+        daddr,
         sport: ports[0],
         dport: ports[1],
         proto,
@@ -203,7 +238,12 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
         ports: ports_ptr,
         l4_csum,
         icmp_error: core::ptr::null_mut(),
-        is_fragment: frag & IP_MORE_FRAGMENTS != 0,
+        fragment: if frag & IP_MORE_FRAGMENTS != 0 {
+            Fragment::First
+        } else {
+            Fragment::Whole
+        },
+        ip_id,
         is_complete,
     })
 }
@@ -211,7 +251,7 @@ pub fn parse(pkt: &Packet) -> Result<Flow, Reason> {
 /// An ICMP error that quotes a TCP or UDP packet (its first fragment, no IP
 /// options). Other ICMP is not ours.
 #[inline(always)]
-fn parse_icmp_error(pkt: &Packet, l4_off: usize, frag: u16) -> Result<Flow, Reason> {
+fn parse_icmp_error(pkt: &Packet, l4_off: usize) -> Result<Flow, Reason> {
     let region = pkt
         .ptr_at::<[u8; ICMP_ERROR_LEN]>(l4_off)
         .ok_or(Reason::PassNotLoadBalanced)?;
@@ -239,7 +279,8 @@ fn parse_icmp_error(pkt: &Packet, l4_off: usize, frag: u16) -> Result<Flow, Reas
         ports: (region as usize + INNER_L4) as *mut [u16; 2],
         l4_csum: core::ptr::null_mut(),
         icmp_error: region,
-        is_fragment: frag & IP_MORE_FRAGMENTS != 0,
+        fragment: Fragment::Whole,
+        ip_id: 0,
         is_complete: true,
     })
 }

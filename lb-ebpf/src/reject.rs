@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::PROTO_TCP;
 
-use crate::packet::{ETH_HLEN, Flow, IP_OFF, Packet, tcp_flags};
+use crate::packet::{ETH_HLEN, Flow, Fragment, IP_OFF, Packet, tcp_flags};
 
 const IP_HLEN: usize = 20;
 const TCP_HLEN: usize = 20;
@@ -27,7 +27,8 @@ const PROTO_ICMP: u8 = 1;
 /// (IP options, an RST, a failed helper): the caller drops it instead.
 #[inline(always)]
 pub fn reply_tc(ctx: &TcContext, flow: &Flow) -> Result<(), i64> {
-    if flow.l4_off != L4_OFF {
+    // A later fragment has no L4 header to answer from.
+    if flow.l4_off != L4_OFF || flow.fragment == Fragment::Later {
         return Err(-1);
     }
     if flow.proto == PROTO_TCP {

@@ -4,6 +4,7 @@ use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use lb_common::Reason;
 
 use crate::{
+    fragment,
     lb::{Translation, Verdict},
     nat,
     packet::{self, Flow, MAX_HEADER_LEN, Packet},
@@ -34,10 +35,13 @@ fn packet(ctx: &TcContext) -> Packet {
 #[inline(always)]
 pub fn run(ctx: &TcContext, pipeline: fn(&Flow) -> Verdict) -> (Reason, Option<i32>) {
     let pkt = packet(ctx);
-    let flow = match packet::parse(&pkt) {
+    let mut flow = match packet::parse(&pkt) {
         Ok(flow) => flow,
         Err(reason) => return (reason, None),
     };
+    if let Err(reason) = fragment::follow(&mut flow) {
+        return (reason, None);
+    }
     match pipeline(&flow) {
         Verdict::Pass(reason) | Verdict::Drop(reason) => (reason, None),
         Verdict::NoBackend { drop: true } => (Reason::DropNoLocalBackend, None),

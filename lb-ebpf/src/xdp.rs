@@ -9,6 +9,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::Reason;
 
 use crate::{
+    fragment,
     lb::{Translation, Verdict},
     maps::XDP_TX_IFACES,
     nat,
@@ -22,9 +23,13 @@ use crate::{
 pub fn run(ctx: &XdpContext, pipeline: fn(&Flow) -> Verdict) -> u32 {
     let pkt = Packet::new(ctx.data(), ctx.data_end());
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let Ok(flow) = packet::parse(&pkt) else {
+    let Ok(mut flow) = packet::parse(&pkt) else {
         return xdp_action::XDP_PASS;
     };
+    // What XDP cannot place (a fragment before its first), TC counts.
+    if fragment::follow(&mut flow).is_err() {
+        return xdp_action::XDP_PASS;
+    }
     let (reason, action) = match pipeline(&flow) {
         Verdict::Pass(_) | Verdict::NoBackend { drop: false } => return xdp_action::XDP_PASS,
         Verdict::Drop(reason) => (reason, xdp_action::XDP_DROP),

@@ -1,7 +1,7 @@
 //! The backends of the end-to-end tests: like the echo servers of the
 //! Kubernetes docs, each answers with its own name and the client address it
 //! saw (`From=<pod> ClientIP=<ip>`), over TCP (a line per line received) and
-//! UDP (a datagram per datagram).
+//! UDP (a datagram per datagram, as large as the request).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -125,10 +125,16 @@ fn serve_udp(pod: &str, port: u16, stop: &AtomicBool, ready: std::sync::mpsc::Se
         }
     };
     let _ = ready.send(Ok(()));
-    let mut buf = [0u8; 1500];
+    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(Reply::line(pod, peer).as_bytes(), peer);
+        if let Ok((len, peer)) = socket.recv_from(&mut buf) {
+            // A datagram as large as the request (padded after the line),
+            // so that large requests get large (fragmented) replies too.
+            let mut reply = Reply::line(pod, peer).into_bytes();
+            if len > reply.len() {
+                reply.resize(len, b'.');
+            }
+            let _ = socket.send_to(&reply, peer);
         }
     }
 }

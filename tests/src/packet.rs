@@ -262,3 +262,55 @@ pub fn seen_icmp_error(frame: &[u8]) -> SeenIcmpError {
         quoted,
     }
 }
+
+/// `packet` split into two IPv4 fragments after `first_len` bytes of its L4
+/// segment (a multiple of 8), as a sender with a small MTU would: the first
+/// carries the L4 header, the second only data.
+pub fn fragments(packet: &Packet, first_len: usize) -> [Vec<u8>; 2] {
+    assert_eq!(first_len % 8, 0, "fragments split at 8-byte boundaries");
+    let datagram = packet.ip_datagram();
+    let hlen = usize::from(datagram[0] & 0x0f) * 4;
+    let (header, segment) = datagram.split_at(hlen);
+    let piece = |data: &[u8], frag: u16| {
+        let mut ip = header.to_vec();
+        ip[2..4].copy_from_slice(&((hlen + data.len()) as u16).to_be_bytes());
+        ip[6..8].copy_from_slice(&frag.to_be_bytes());
+        ip[10..12].fill(0);
+        let csum = checksum::ipv4_header(&ip);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+        ip.extend_from_slice(data);
+        ethernet(0x0800, &ip)
+    };
+    [
+        piece(&segment[..first_len], 0x2000),
+        piece(&segment[first_len..], (first_len / 8) as u16),
+    ]
+}
+
+/// What two fragments (as the datapath left them) say once reassembled:
+/// both IPv4 header checksums, the fragments' agreement on addresses, and
+/// the L4 checksum over the whole datagram, checked from scratch.
+pub fn seen_reassembled(first: &[u8], later: &[u8]) -> Seen {
+    let header_ok = |frame: &[u8]| {
+        let mut header = frame[14..34].to_vec();
+        let csum = u16::from_be_bytes([header[10], header[11]]);
+        header[10..12].fill(0);
+        assert_eq!(
+            csum,
+            checksum::ipv4_header(&header),
+            "fragment IPv4 checksum"
+        );
+    };
+    header_ok(first);
+    header_ok(later);
+    assert_eq!(first[26..34], later[26..34], "both fragments' addresses");
+    let mut ip = first[14..34].to_vec();
+    let data: Vec<u8> = first[34..].iter().chain(&later[34..]).copied().collect();
+    ip[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+    ip[6..8].fill(0);
+    ip[10..12].fill(0);
+    let csum = checksum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    ip.extend_from_slice(&data);
+    seen(&ethernet(0x0800, &ip))
+}

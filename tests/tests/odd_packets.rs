@@ -5,7 +5,7 @@
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
 use lb_userspace::datapath::program::{FROM_POD, TO_POD};
 use xlb_tests::{
-    packet::{Packet, ethernet, flags},
+    packet::{Packet, addr, ethernet, flags, fragments, seen_reassembled},
     require_root,
     test_lb::TestLb,
 };
@@ -77,25 +77,58 @@ fn foreign_traffic_passes_untouched() {
     }
 }
 
+/// A datagram of `len` payload bytes.
+fn big_udp(src: &str, dst: &str, len: usize) -> Packet {
+    let mut packet = Packet::udp(src, dst);
+    packet.payload = (0..len).map(|i| i as u8).collect();
+    packet
+}
+
 #[test]
-fn fragments() {
+fn fragments_follow_their_first_one() {
     require_root!();
     let mut lb = lb();
-    let mut first = Packet::udp(CLIENT, VIP);
-    first.frag = 0x2000; // more fragments, offset 0
-    lb.assert_drops(FROM_POD, &first.bytes(), Reason::DropFragment);
-
-    let mut later = Packet::udp(CLIENT, VIP);
-    later.frag = 0x0010; // offset 128 bytes, last fragment
-    lb.assert_passes_unchanged(FROM_POD, &later.bytes(), Reason::PassFragment);
-
-    let mut first_elsewhere = Packet::udp(CLIENT, OTHER);
-    first_elsewhere.frag = 0x2000;
-    lb.assert_passes_unchanged(
-        FROM_POD,
-        &first_elsewhere.bytes(),
-        Reason::PassNotLoadBalanced,
+    // To the Service: the first fragment is balanced, the later one follows
+    // it; together they are one datagram to the backend, checksum right.
+    let [first, later] = fragments(&big_udp(CLIENT, VIP, 600), 208);
+    let out_first = lb.run(FROM_POD, &first);
+    let out_later = lb.run(FROM_POD, &later);
+    let got = seen_reassembled(&out_first.frame, &out_later.frame);
+    let backend = got.dst;
+    assert_ne!(backend, addr(VIP));
+    assert_eq!(got.src, addr(CLIENT));
+    assert_eq!(
+        lb.counted(),
+        vec![(Reason::ForwardNew, 1), (Reason::ForwardEstablished, 1)]
     );
+    // The backend's fragmented reply comes back from the Service.
+    let [first, later] = fragments(&big_udp(&backend.to_string(), CLIENT, 600), 208);
+    let out_first = lb.run(TO_POD, &first);
+    let out_later = lb.run(TO_POD, &later);
+    let got = seen_reassembled(&out_first.frame, &out_later.frame);
+    assert_eq!((got.src, got.dst), (addr(VIP), addr(CLIENT)));
+}
+
+#[test]
+fn a_fragment_before_its_first_is_dropped() {
+    require_root!();
+    let mut lb = lb();
+    let [_, later] = fragments(&big_udp(CLIENT, VIP, 600), 208);
+    lb.assert_drops(FROM_POD, &later, Reason::DropFragmentOutOfOrder);
+}
+
+#[test]
+fn fragments_not_ours_pass_untouched() {
+    require_root!();
+    let mut lb = lb();
+    let [first, later] = fragments(&big_udp(CLIENT, OTHER, 600), 208);
+    lb.assert_passes_unchanged(FROM_POD, &first, Reason::PassNotLoadBalanced);
+    lb.assert_passes_unchanged(FROM_POD, &later, Reason::PassNotLoadBalanced);
+    // Not TCP or UDP: no ports to follow.
+    let mut ping = Packet::udp(CLIENT, VIP);
+    ping.proto = 1;
+    let [_, later] = fragments(&ping, 8);
+    lb.assert_passes_unchanged(FROM_POD, &later, Reason::PassFragment);
 }
 
 #[test]

@@ -1,0 +1,42 @@
+//! IPv4 fragments of TCP/UDP datagrams. Only the first fragment carries the
+//! ports; each hook remembers them per datagram (as it sees the datagram on
+//! the wire), so that the later fragments find their flow and get the same
+//! translation — addresses only, as they carry no L4 header. xlb does not
+//! reassemble: a later fragment that comes before its first is dropped.
+
+use lb_common::{FragmentKey, FragmentPorts, Reason};
+
+use crate::{
+    maps::FRAGMENTS,
+    packet::{Flow, Fragment},
+};
+
+/// Records a first fragment's ports; gives a later fragment those of its
+/// datagram, or the reason it is dropped.
+#[inline(always)]
+pub fn follow(flow: &mut Flow) -> Result<(), Reason> {
+    if flow.fragment == Fragment::Whole {
+        return Ok(());
+    }
+    let key = FragmentKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        id: flow.ip_id,
+        proto: flow.proto,
+        pad: 0,
+    };
+    if flow.fragment == Fragment::First {
+        let ports = FragmentPorts {
+            sport: flow.sport,
+            dport: flow.dport,
+        };
+        // A failed write costs the later fragments of this datagram only.
+        let _ = FRAGMENTS.insert(key, ports, 0);
+        return Ok(());
+    }
+    // SAFETY: copied out at once.
+    let ports = unsafe { FRAGMENTS.get(key) }.ok_or(Reason::DropFragmentOutOfOrder)?;
+    flow.sport = ports.sport;
+    flow.dport = ports.dport;
+    Ok(())
+}
