@@ -53,6 +53,20 @@ pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
     xdp::run(&ctx, lb::from_outside)
 }
 
+/// The benchmark's floor for TC hooks: an empty program, run through the
+/// same harness as every path (`cargo xtask bench datapath`) so that each
+/// path is reported as what it costs above it. Never attached.
+#[classifier]
+pub fn floor_tc(_ctx: TcContext) -> i32 {
+    0 // TC_ACT_OK, the floor's only verdict
+}
+
+/// The benchmark's floor for XDP, like [`floor_tc`]. Never attached.
+#[xdp]
+pub fn floor_xdp(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

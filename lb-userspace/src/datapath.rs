@@ -25,6 +25,10 @@ pub mod program {
     pub const NODEPORT_XDP: &str = "nodeport_xdp";
     /// Every TC program.
     pub const TC: [&str; 3] = [FROM_POD, TO_POD, NODEPORT_TC];
+    /// Empty programs, the datapath benchmark's floor; loaded only by
+    /// [`super::Datapath::load_floors`], never attached.
+    pub const FLOOR_TC: &str = "floor_tc";
+    pub const FLOOR_XDP: &str = "floor_xdp";
 }
 
 /// What a load is configured with.
@@ -71,7 +75,7 @@ impl Datapath {
                 .map_err(|source| Error::Program { name, source })?;
         }
         let name = program::NODEPORT_XDP;
-        let xdp = xdp_program(&mut ebpf)?;
+        let xdp = xdp_program(&mut ebpf, name)?;
         xdp.load()
             .map_err(|source| Error::Program { name, source })?;
         Ok(Self {
@@ -92,7 +96,25 @@ impl Datapath {
 
     /// The loaded XDP program.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, Error> {
-        xdp_program(&mut self.ebpf)
+        xdp_program(&mut self.ebpf, program::NODEPORT_XDP)
+    }
+
+    /// Loads the benchmark's empty floor programs, [`program::FLOOR_TC`]
+    /// and [`program::FLOOR_XDP`].
+    pub fn load_floors(&mut self) -> Result<(), Error> {
+        let name = program::FLOOR_TC;
+        tc_program(&mut self.ebpf, name)?
+            .load()
+            .map_err(|source| Error::Program { name, source })?;
+        let name = program::FLOOR_XDP;
+        xdp_program(&mut self.ebpf, name)?
+            .load()
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    /// The floor XDP program, once loaded.
+    pub fn floor_xdp(&mut self) -> Result<&mut Xdp, Error> {
+        xdp_program(&mut self.ebpf, program::FLOOR_XDP)
     }
 
     /// Takes typed handles on the maps (once).
@@ -111,8 +133,7 @@ fn tc_program<'a>(
         .map_err(|source| Error::Program { name, source })
 }
 
-fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, Error> {
-    let name = program::NODEPORT_XDP;
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     program
         .try_into()

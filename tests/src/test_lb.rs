@@ -25,6 +25,15 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
+/// The context of an XDP test run: struct xdp_md (data, data_end,
+/// data_meta, ingress_ifindex, ...).
+fn xdp_ctx(frame: &[u8], ifindex: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 /// The node address every test datapath SNATs external flows to.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 11);
 
@@ -288,12 +297,26 @@ impl TestLb {
         ifindex: u32,
         repeat: u32,
     ) -> (Outcome, std::time::Duration) {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let program = self.datapath.xdp_program().expect("program");
-        test_run(program, frame, Some(&ctx), repeat)
+        test_run(program, frame, Some(&xdp_ctx(frame, ifindex)), repeat)
+    }
+
+    /// Loads the benchmark's empty floor programs (TC: run them by name).
+    pub fn load_floors(&mut self) {
+        self.datapath
+            .load_floors()
+            .expect("load the floor programs");
+    }
+
+    /// Runs the empty XDP floor program like [`Self::run_xdp_repeated`].
+    pub fn run_floor_xdp_repeated(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> (Outcome, std::time::Duration) {
+        let program = self.datapath.floor_xdp().expect("floor program");
+        test_run(program, frame, Some(&xdp_ctx(frame, ifindex)), repeat)
     }
 
     /// Runs `program` `repeat` times on `frame` (the kernel reuses the

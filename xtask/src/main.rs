@@ -67,6 +67,13 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Churn never evicts a live flow: an idle TCP connection and UDP flow
+    /// through 60 s of new connections and one-shot UDP flows
+    /// (target/bench/churn.json). Arguments: --seconds N.
+    Churn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Plots and a Markdown table from target/bench/{e2e,sync}.json into
     /// docs/bench/ and the README.
     Report,
@@ -87,6 +94,7 @@ fn main() -> Result<()> {
             Bench::Datapath { repeat } => test::bench_datapath(repeat),
             Bench::E2e { args } => test::bench("bench-e2e", &strs(&args)),
             Bench::Sync { args } => test::bench("bench-sync", &strs(&args)),
+            Bench::Churn { args } => test::bench("bench-churn", &strs(&args)),
             Bench::Report => test::bench_report(),
         },
     }

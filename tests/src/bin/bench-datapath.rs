@@ -10,6 +10,10 @@
 //!   makes the next run start a new flow over it (select, two conntrack
 //!   writes, DNAT) — the whole new-flow path, every run.
 //!
+//! Each hook's floor, an empty program (`floor_tc`, `floor_xdp`), runs
+//! through the same harness at every scale, and every path is also given
+//! as ns above the floor of its hook.
+//!
 //! The north-south paths (`nodeport_tc`, `nodeport_xdp`) run in a node
 //! namespace of their own (`node_ns`) so that their FIB lookups succeed; the
 //! SNAT address is the client's own, so SNAT too writes what it reads and
@@ -24,7 +28,7 @@ use anyhow::{Context, Result, bail};
 use lb_common::{PROTO_TCP, Reason, backend_flags};
 use lb_userspace::datapath::{
     Settings,
-    program::{FROM_POD, NODEPORT_TC, NODEPORT_XDP, TO_POD},
+    program::{FLOOR_TC, FLOOR_XDP, FROM_POD, NODEPORT_TC, NODEPORT_XDP, TO_POD},
 };
 use serde::Serialize;
 use xlb_tests::{
@@ -58,6 +62,8 @@ struct Row {
     path: &'static str,
     frontends: u32,
     ns_per_pkt: f64,
+    /// Above the empty program of the same hook, same scale, same run.
+    ns_above_floor: f64,
 }
 
 struct Path {
@@ -92,7 +98,17 @@ impl Path {
 }
 
 fn paths() -> Vec<Path> {
+    let floor = |program, verdict| Path {
+        program,
+        name: "floor",
+        packet: Packet::tcp(CLIENT, VIP, flags::ACK),
+        reason: None,
+        verdict,
+        forwards: false,
+    };
     let mut paths = vec![
+        floor(FLOOR_TC, TC_ACT_OK),
+        floor(FLOOR_XDP, XDP_PASS),
         Path::east_west(
             FROM_POD,
             "new_flow",
@@ -203,7 +219,8 @@ fn run(
 ) -> (Outcome, Duration) {
     match path.program {
         NODEPORT_XDP => lb.run_xdp_repeated(frame, ifindex, repeat),
-        NODEPORT_TC => lb.run_on_repeated(path.program, frame, ifindex, repeat),
+        FLOOR_XDP => lb.run_floor_xdp_repeated(frame, ifindex, repeat),
+        NODEPORT_TC | FLOOR_TC => lb.run_on_repeated(path.program, frame, ifindex, repeat),
         program => lb.run_repeated(program, frame, repeat),
     }
 }
@@ -293,6 +310,7 @@ fn main() -> Result<()> {
             ..Settings::default()
         });
         fill(&mut lb, frontends);
+        lb.load_floors();
         // The XDP_TX paths are measured where the agent allows them.
         lb.allow_xdp_tx(node.ext);
         for path in paths() {
@@ -302,9 +320,11 @@ fn main() -> Result<()> {
                 path: path.name,
                 frontends,
                 ns_per_pkt: time.as_nanos() as f64,
+                ns_above_floor: 0.0,
             });
         }
     }
+    set_floors(&mut rows);
     print_table(&rows, repeat);
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir)?;
@@ -312,6 +332,33 @@ fn main() -> Result<()> {
     fs::write(&out, serde_json::to_string_pretty(&rows)?)?;
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// The hook's empty program a path is measured against.
+fn floor_of(program: &str) -> &'static str {
+    if program == NODEPORT_XDP || program == FLOOR_XDP {
+        FLOOR_XDP
+    } else {
+        FLOOR_TC
+    }
+}
+
+/// Fills in each row's cost above its hook's floor at its scale.
+fn set_floors(rows: &mut [Row]) {
+    let floors: Vec<(&str, u32, f64)> = rows
+        .iter()
+        .filter(|r| r.path == "floor")
+        .map(|r| (r.program, r.frontends, r.ns_per_pkt))
+        .collect();
+    for row in rows.iter_mut() {
+        let floor = floors
+            .iter()
+            .find(|(program, scale, _)| {
+                *program == floor_of(row.program) && *scale == row.frontends
+            })
+            .map_or(0.0, |f| f.2);
+        row.ns_above_floor = row.ns_per_pkt - floor;
+    }
 }
 
 fn print_table(rows: &[Row], repeat: u32) {
@@ -336,9 +383,14 @@ fn print_table(rows: &[Row], repeat: u32) {
             .filter(|r| r.program == program && r.path == path)
             .map(|r| r.ns_per_pkt)
             .collect();
+        let above: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.program == program && r.path == path)
+            .map(|r| r.ns_above_floor)
+            .collect();
         print!("{program:<12} {path:<12}");
-        for t in &times {
-            print!(" {t:>10.0}");
+        for (t, a) in times.iter().zip(&above) {
+            print!(" {:>10}", format!("{t:.0} (+{a:.0})"));
         }
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
         let max = times.iter().copied().fold(0.0, f64::max);
