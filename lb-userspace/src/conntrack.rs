@@ -51,6 +51,8 @@ pub struct Walk {
     pub removed: usize,
     /// The backend ids that live entries name.
     pub backends: BTreeSet<u32>,
+    /// The highest frontend id a live entry names.
+    pub max_frontend_id: u32,
 }
 
 /// Tells LRU evictions from the entries every walk finds: the table holds
@@ -111,6 +113,7 @@ impl ConntrackTable {
             } else {
                 walk.entries += 1;
                 walk.backends.insert(entry.backend_id);
+                walk.max_frontend_id = walk.max_frontend_id.max(entry.frontend_id);
             }
         })?;
         walk.removed = self.delete(&expired)?;

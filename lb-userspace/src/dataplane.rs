@@ -12,7 +12,8 @@ use crate::{
 
 /// The service maps as the sync loop sees them.
 pub trait Dataplane {
-    /// What the maps hold now (read once at start to reconcile).
+    /// What the service maps hold now (read at start to reconcile, and
+    /// periodically to catch drift).
     fn read(&self) -> Result<State, Error>;
     /// One write.
     fn write(&mut self, op: &Op) -> Result<(), Error>;
@@ -57,11 +58,8 @@ impl Dataplane for Maps {
             let len = key.prefix_len().saturating_sub(32) as u8;
             state.source_ranges.insert((key.data(), len));
         }
-        // Entries may vanish (LRU) while we walk: skip what fails.
-        for (_, value) in self.conntrack.iter().flatten() {
-            state.max_backend_id_in_use = state.max_backend_id_in_use.max(value.backend_id);
-            state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(value.frontend_id);
-        }
+        // The ids conntrack names come from the agent's walk
+        // (`Syncer::conntrack_walked`), which reads it in batches.
         for key in self.affinity.keys().flatten() {
             state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(key.frontend_id);
         }

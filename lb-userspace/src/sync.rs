@@ -93,7 +93,15 @@ impl<D: Dataplane> Syncer<D> {
     /// Re-reads the dataplane, so that writes made behind our back are
     /// corrected by the next sync.
     pub fn reread(&mut self) -> Result<(), Error> {
-        self.mirror = self.dataplane.read()?;
+        let read = self.dataplane.read()?;
+        // Ids named by conntrack are known from the walks, not the maps.
+        let (backend, frontend) = (
+            self.mirror.max_backend_id_in_use,
+            self.mirror.max_frontend_id_in_use,
+        );
+        self.mirror = read;
+        self.mirror.max_backend_id_in_use = self.mirror.max_backend_id_in_use.max(backend);
+        self.mirror.max_frontend_id_in_use = self.mirror.max_frontend_id_in_use.max(frontend);
         Ok(())
     }
 
@@ -215,6 +223,8 @@ impl<D: Dataplane> Syncer<D> {
         if let Some(max) = walk.backends.last() {
             self.mirror.max_backend_id_in_use = self.mirror.max_backend_id_in_use.max(*max);
         }
+        self.mirror.max_frontend_id_in_use =
+            self.mirror.max_frontend_id_in_use.max(walk.max_frontend_id);
         let unused: Vec<u32> = self
             .draining_since
             .iter()
