@@ -12,7 +12,8 @@ pub enum Reason {
     /// Not TCP/UDP, not addressed to a frontend, not a reply of a load-balanced
     /// flow: passed untouched.
     PassNotLoadBalanced,
-    /// A later fragment of a datagram that is not TCP/UDP: passed untouched.
+    /// A later fragment of a datagram that is not TCP/UDP, or whose flow is
+    /// gone: passed untouched.
     PassFragment,
     /// Malformed or truncated, not addressed to a frontend: passed untouched.
     PassMalformed,
@@ -34,8 +35,8 @@ pub enum Reason {
     DropNoLocalBackend,
     /// A later fragment of a TCP/UDP datagram whose first fragment this
     /// hook has not seen (out of order, or lost): its ports, and so its
-    /// flow, are unknown.
-    DropFragmentOutOfOrder,
+    /// flow, are unknown. Passed untouched: it may not be ours.
+    PassFragmentOutOfOrder,
     /// Addressed to a frontend but the L4 header is truncated or malformed.
     DropMalformed,
     /// The conntrack entry could not be written.
@@ -64,7 +65,7 @@ impl Reason {
         Reason::RejectNoBackend,
         Reason::DropNoBackend,
         Reason::DropNoLocalBackend,
-        Reason::DropFragmentOutOfOrder,
+        Reason::PassFragmentOutOfOrder,
         Reason::DropMalformed,
         Reason::DropConntrackFull,
         Reason::DropSourceRange,
@@ -86,7 +87,7 @@ impl Reason {
             Reason::RejectNoBackend => "reject_no_backend",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNoLocalBackend => "drop_no_local_backend",
-            Reason::DropFragmentOutOfOrder => "drop_fragment_out_of_order",
+            Reason::PassFragmentOutOfOrder => "pass_fragment_out_of_order",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropSourceRange => "drop_source_range",
@@ -102,7 +103,6 @@ impl Reason {
             self,
             Reason::DropNoBackend
                 | Reason::DropNoLocalBackend
-                | Reason::DropFragmentOutOfOrder
                 | Reason::DropMalformed
                 | Reason::DropConntrackFull
                 | Reason::DropSourceRange

@@ -82,7 +82,7 @@ pub enum Found {
     Live(CtEntry),
     /// An entry that no longer counts: expired, or a closing flow whose
     /// tuple a new SYN reuses. A new flow replaces it.
-    Stale,
+    Stale(CtEntry),
     /// Nothing.
     Missing,
 }
@@ -98,14 +98,14 @@ pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Found {
     // fields (state, timestamp), races between them are benign.
     let entry = unsafe { &mut *entry };
     if entry.is_expired(flow.proto, now) {
-        return Found::Stale;
+        return Found::Stale(*entry);
     }
     let is_new_syn = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     if is_new_syn && entry.state == ct_state::CLOSING {
-        return Found::Stale;
+        return Found::Stale(*entry);
     }
     if flow.proto == PROTO_TCP {
-        track_tcp(flow, direction, entry);
+        track_tcp(flow, direction, entry, now);
     }
     if now.saturating_sub(entry.last_seen_ns) > CT_REFRESH_NS {
         entry.last_seen_ns = now;
@@ -117,7 +117,7 @@ pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Found {
 /// the flow is closing once both directions sent theirs, or at the first
 /// RST: then both entries go to `CLOSING`, whichever direction saw it.
 #[inline(always)]
-fn track_tcp(flow: &Flow, direction: u8, entry: &mut CtEntry) {
+fn track_tcp(flow: &Flow, direction: u8, entry: &mut CtEntry, now: u64) {
     let fin_or_rst = flow.tcp_flags & (tcp_flags::FIN | tcp_flags::RST);
     if fin_or_rst == 0 {
         if entry.state == ct_state::NEW && flow.tcp_flags & tcp_flags::ACK != 0 {
@@ -133,9 +133,13 @@ fn track_tcp(flow: &Flow, direction: u8, entry: &mut CtEntry) {
         .as_ref()
         .is_some_and(|p| p.state == ct_state::FIN_SENT || p.state == ct_state::CLOSING);
     if fin_or_rst & tcp_flags::RST != 0 || peer_fin {
+        // Both live their closing time from now, however long either
+        // direction was idle.
         entry.state = ct_state::CLOSING;
+        entry.last_seen_ns = now;
         if let Some(peer) = peer {
             peer.state = ct_state::CLOSING;
+            peer.last_seen_ns = now;
         }
     } else if entry.state != ct_state::CLOSING {
         entry.state = ct_state::FIN_SENT;
@@ -170,9 +174,10 @@ pub struct Created {
 /// Records a new flow balanced to `chosen` and returns its forward entry,
 /// or the entry of the CPU that created the same flow first.
 ///
-/// `replace`: the forward entry holds a stale flow (see [`Found::Stale`])
-/// or one that must move (a UDP flow whose backend drains), which this one
-/// overwrites. With `snat_addr` the backend sees that address as the source
+/// `replaced`: the flow this one replaces under the same forward key, a
+/// stale one (see [`Found::Stale`]) or one that must move (a UDP flow whose
+/// backend drains): its entries go first, its SNAT port with them. With
+/// `snat_addr` the backend sees that address as the source
 /// (a hairpin flow, or an external flow to a remote backend), on a port
 /// that makes the reply's tuple unique: the client's own when it is free
 /// (and, for an external flow, in the SNAT range), otherwise a random one
@@ -184,14 +189,20 @@ pub fn create(
     chosen: &Chosen,
     flags: u8,
     snat_addr: Option<u32>,
-    replace: bool,
+    replaced: Option<&CtEntry>,
     now: u64,
 ) -> Result<Created, Reason> {
+    let state = first_state(flow);
     let mut reply = CtEntry {
         last_seen_ns: now,
         nat_addr: flow.daddr,
         nat_port: flow.dport,
-        state: first_state(flow),
+        // The client's FIN closed its own direction only.
+        state: if state == ct_state::FIN_SENT {
+            ct_state::ESTABLISHED
+        } else {
+            state
+        },
         flags,
         backend_id: chosen.id,
         frontend_id,
@@ -211,8 +222,13 @@ pub fn create(
     let mut forward = CtEntry {
         nat_addr: chosen.backend.addr,
         nat_port: chosen.backend.port,
+        state,
         ..reply
     };
+    let forward_key = key(flow, direction::FORWARD);
+    if let Some(old) = replaced {
+        release(flow, old, &forward_key);
+    }
     if let Some(addr) = snat_addr {
         reply.flags |= ct_flags::SNAT;
         reply.peer_addr = flow.saddr;
@@ -224,8 +240,7 @@ pub fn create(
         forward.peer_addr = addr;
         forward.peer_port = port;
     }
-    let forward_key = key(flow, direction::FORWARD);
-    if !insert_new(&forward_key, &forward) && (!replace || !overwrite(&forward_key, &forward)) {
+    if !insert_new(&forward_key, &forward) {
         if snat_addr.is_some() {
             // Our SNAT port goes back: the winner has its own.
             remove(&reply_key);
@@ -240,6 +255,24 @@ pub fn create(
         entry: forward,
         adopted: false,
     })
+}
+
+/// Removes the entries of `old`, the flow under `forward_key` that a new
+/// one replaces. Its reply entry goes only while it is still that flow's: a
+/// SNAT tuple may have passed to another flow since it expired. Two CPUs
+/// replacing the same stale flow both remove, then race on `BPF_NOEXIST`
+/// as for a fresh flow.
+#[inline(always)]
+fn release(flow: &Flow, old: &CtEntry, forward_key: &CtKey) {
+    let reply_key = peer_key(flow, direction::FORWARD, old);
+    let ours = old.flags & ct_flags::SNAT == 0
+        // SAFETY: copied out at once.
+        || unsafe { CONNTRACK.get(&reply_key) }
+            .is_some_and(|reply| reply.peer_addr == flow.saddr && reply.peer_port == flow.sport);
+    if ours {
+        remove(&reply_key);
+    }
+    remove(forward_key);
 }
 
 /// The forward entry another CPU created first (or, when there is none,

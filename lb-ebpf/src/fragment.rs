@@ -2,7 +2,9 @@
 //! ports; each hook remembers them per datagram (as it sees the datagram on
 //! the wire), so that the later fragments find their flow and get the same
 //! translation — addresses only, as they carry no L4 header. xlb does not
-//! reassemble: a later fragment that comes before its first is dropped.
+//! reassemble: a later fragment that comes before its first passes
+//! untouched, counted — it may not be ours (a host's own traffic), and if
+//! it is, its datagram cannot be put together anyway.
 
 use lb_common::{FragmentKey, FragmentPorts, Reason};
 
@@ -12,7 +14,7 @@ use crate::{
 };
 
 /// Records a first fragment's ports; gives a later fragment those of its
-/// datagram, or the reason it is dropped.
+/// datagram, or the reason it passes untouched.
 #[inline(always)]
 pub fn follow(flow: &mut Flow) -> Result<(), Reason> {
     if flow.fragment == Fragment::Whole {
@@ -35,7 +37,7 @@ pub fn follow(flow: &mut Flow) -> Result<(), Reason> {
         return Ok(());
     }
     // SAFETY: copied out at once.
-    let ports = unsafe { FRAGMENTS.get(key) }.ok_or(Reason::DropFragmentOutOfOrder)?;
+    let ports = unsafe { FRAGMENTS.get(key) }.ok_or(Reason::PassFragmentOutOfOrder)?;
     flow.sport = ports.sport;
     flow.dport = ports.dport;
     Ok(())

@@ -14,7 +14,7 @@ use crate::{
     conntrack::{self, Created, Found},
     frontend,
     nat::{NewEnd, Rewrite},
-    packet::Flow,
+    packet::{Flow, Fragment},
     select,
 };
 
@@ -150,12 +150,19 @@ fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
             _ => Verdict::Pass(Reason::PassNotLoadBalanced),
         };
     }
-    let replace = match found {
+    if flow.fragment == Fragment::Later {
+        // Follows its first fragment's flow; one datagram never splits.
+        return match found {
+            Found::Live(entry) => translate_forward(&entry, Reason::ForwardEstablished),
+            _ => Verdict::Pass(Reason::PassFragment),
+        };
+    }
+    let replaced = match found {
         Found::Live(entry) if keeps_backend(flow, &entry) => {
             return translate_forward(&entry, Reason::ForwardEstablished);
         }
-        Found::Missing => false,
-        Found::Live(_) | Found::Stale => true,
+        Found::Missing => None,
+        Found::Live(entry) | Found::Stale(entry) => Some(entry),
     };
     let Some(chosen) = select::select_backend(frontend, flow.saddr, now) else {
         return Verdict::NoBackend {
@@ -173,7 +180,15 @@ fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
     } else {
         (0, None)
     };
-    match conntrack::create(flow, frontend.id, &chosen, flags, snat, replace, now) {
+    match conntrack::create(
+        flow,
+        frontend.id,
+        &chosen,
+        flags,
+        snat,
+        replaced.as_ref(),
+        now,
+    ) {
         Ok(Created {
             entry,
             adopted: false,

@@ -110,7 +110,8 @@ pub struct Flow {
     /// Offset of the L4 header (after IP options).
     pub l4_off: usize,
     /// The source and destination ports in the packet, bounds-checked by
-    /// the parser; null in a later fragment, which has none (its `sport` and
+    /// the parser; null in a later fragment, which has none, and in an ICMP
+    /// error (its `sport` and
     /// `dport` come from its first fragment). Kept as a pointer because the verifier does not carry a
     /// range check across a recomputed variable offset (IP options), and
     /// LLVM drops a second check it can prove redundant.
@@ -276,7 +277,8 @@ fn parse_icmp_error(pkt: &Packet, l4_off: usize) -> Result<Flow, Reason> {
         proto: inner_proto,
         tcp_flags: 0,
         l4_off,
-        ports: (region as usize + INNER_L4) as *mut [u16; 2],
+        // The quoted ports are written by `nat::rewrite_icmp_error`.
+        ports: core::ptr::null_mut(),
         l4_csum: core::ptr::null_mut(),
         icmp_error: region,
         fragment: Fragment::Whole,

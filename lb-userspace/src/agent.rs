@@ -176,6 +176,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     let mut evictions = Evictions::default();
     let mut last_walk: Option<Instant> = None;
+    let mut walked = false;
     let source = Source::start(&config.source, &config.node.name)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()));
     let bound = metrics::serve(config.metrics_addr, Endpoints::Metrics, metrics.clone())?;
@@ -201,7 +202,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
         if last_walk.is_none_or(|at| at.elapsed() >= CONNTRACK_WALK) {
             let started = Instant::now();
-            walk_conntrack(&conntrack, &mut syncer, &mut evictions, &metrics);
+            walked |= walk_conntrack(&conntrack, &mut syncer, &mut evictions, &metrics);
             last_walk = Some(started);
         }
         let version = source.version();
@@ -214,7 +215,11 @@ pub fn run(config: Config) -> Result<(), Error> {
             interfaces.retry_failed();
             last_resync = Instant::now();
         }
-        if source.ready() && (last_version.as_ref() != Some(&version) || resync_due || retry_due) {
+        // Not before a walk told which backend ids flows still name.
+        if walked
+            && source.ready()
+            && (last_version.as_ref() != Some(&version) || resync_due || retry_due)
+        {
             let read_started = Instant::now();
             let snapshot = source.read();
             let read_micros = read_started.elapsed().as_micros() as u64;
@@ -259,14 +264,14 @@ fn walk_conntrack(
     syncer: &mut Syncer<crate::Maps>,
     evictions: &mut Evictions,
     metrics: &Metrics,
-) {
+) -> bool {
     let started = Instant::now();
     let events = syncer.dataplane().conntrack_events();
     let walk = match conntrack.walk(clock::monotonic_coarse_ns()) {
         Ok(walk) => walk,
         Err(err) => {
-            warn!("{err}");
-            return;
+            error!("{err}");
+            return false;
         }
     };
     let evicted = match events {
@@ -289,6 +294,7 @@ fn walk_conntrack(
     }
     let deleted = syncer.conntrack_walked(started, &walk);
     metrics.observe_conntrack(&walk, conntrack.capacity(), evicted, deleted);
+    true
 }
 
 /// `flags`, completed from the Node object of the same name in `snapshot`.

@@ -20,9 +20,13 @@ use lb_common::{CtEntry, CtKey, maps};
 
 use crate::Error;
 
-/// Entries read or deleted per syscall.
+/// Entries read per syscall.
 const BATCH: usize = 4096;
+/// Expired entries re-checked, then deleted, per syscall: small, so that a
+/// tuple the datapath reuses between the check and the delete is rare.
+const DELETE_BATCH: usize = 64;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -37,6 +41,17 @@ struct BatchAttr {
     count: u32,
     map_fd: u32,
     elem_flags: u64,
+    flags: u64,
+}
+
+/// The element part of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
     flags: u64,
 }
 
@@ -56,29 +71,38 @@ pub struct Walk {
 }
 
 /// Tells LRU evictions from the entries every walk finds: the table holds
-/// what it held after the last walk, plus what the datapath created, minus
-/// what it removed; whatever else is missing was evicted — a table too
-/// small for its load (`--conntrack-max`).
+/// what the last walk left, plus what the datapath created since, minus what
+/// it removed; whatever else is missing was evicted — a table too small for
+/// its load (`--conntrack-max`). A walk is not atomic (flows come and go
+/// while it reads), so one walk's balance may be off either way; the
+/// balances are summed signed and only the sum's growth is reported, which
+/// the errors cannot inflate (the counters are read before each walk, so an
+/// entry a walk sees early is never missing from a later balance).
 #[derive(Debug, Default)]
 pub struct Evictions {
-    /// Entries left by the last walk, and the datapath's event totals then.
-    last: Option<(usize, u64, u64)>,
+    /// Entries the last walk left, and the datapath's event totals read
+    /// before it.
+    last: Option<(u64, u64, u64)>,
+    /// The signed sum of the balances, and how much of it was reported.
+    sum: i64,
+    reported: u64,
 }
 
 impl Evictions {
-    /// The evictions since the last walk, given this `walk` and the
-    /// datapath's `created` and `removed` totals read just before it.
+    /// The evictions to report after this `walk`, given the datapath's
+    /// `created` and `removed` totals read just before it.
     pub fn update(&mut self, walk: &Walk, created: u64, removed: u64) -> u64 {
         let found = (walk.entries + walk.expired) as u64;
-        let evicted = match self.last {
-            Some((left, created_then, removed_then)) => (left as u64
-                + created.saturating_sub(created_then))
-            .saturating_sub(removed.saturating_sub(removed_then))
-            .saturating_sub(found),
-            None => 0,
-        };
-        self.last = Some((walk.entries, created, removed));
-        evicted
+        if let Some((left, created_then, removed_then)) = self.last {
+            let expected = left as i64 + created.wrapping_sub(created_then) as i64
+                - removed.wrapping_sub(removed_then) as i64;
+            self.sum += expected - found as i64;
+        }
+        self.last = Some((found - walk.removed as u64, created, removed));
+        let total = self.sum.max(0) as u64;
+        let new = total.saturating_sub(self.reported);
+        self.reported = self.reported.max(total);
+        new
     }
 }
 
@@ -116,7 +140,7 @@ impl ConntrackTable {
                 walk.max_frontend_id = walk.max_frontend_id.max(entry.frontend_id);
             }
         })?;
-        walk.removed = self.delete(&expired)?;
+        walk.removed = self.delete_expired(&expired, now_ns)?;
         Ok(walk)
     }
 
@@ -153,16 +177,57 @@ impl ConntrackTable {
         }
     }
 
-    /// Deletes `keys`; a key already gone (evicted, or removed by the
+    /// Deletes the entries of `keys` that are still expired at `now_ns`:
+    /// each is read again just before its batch is deleted, because the
+    /// datapath may have replaced a stale entry with a new flow since the
+    /// walk read it. A key already gone (evicted, or removed by the
     /// datapath) is skipped. Returns how many were deleted.
+    fn delete_expired(&self, keys: &[CtKey], now_ns: u64) -> Result<usize, Error> {
+        let mut deleted = 0;
+        for chunk in keys.chunks(DELETE_BATCH) {
+            let still: Vec<CtKey> = chunk
+                .iter()
+                .filter(|key| {
+                    self.lookup(key)
+                        .is_some_and(|entry| entry.is_expired(key.proto, now_ns))
+                })
+                .copied()
+                .collect();
+            deleted += self.delete(&still)?;
+        }
+        Ok(deleted)
+    }
+
+    fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
+        let mut value = CtEntry::default();
+        let mut attr = ElemAttr {
+            map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
+            key: key as *const CtKey as u64,
+            value: &raw mut value as u64,
+            ..ElemAttr::default()
+        };
+        // SAFETY: `attr` points at a key and a value of the map's sizes that
+        // outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_ELEM,
+                &raw mut attr,
+                std::mem::size_of::<ElemAttr>() as u32,
+            )
+        };
+        (rc == 0).then_some(value)
+    }
+
+    /// Deletes `keys` in one batch; a key already gone is skipped. Returns
+    /// how many were deleted.
     fn delete(&self, keys: &[CtKey]) -> Result<usize, Error> {
         let mut deleted = 0;
         let mut rest = keys;
         while !rest.is_empty() {
-            let chunk = &rest[..rest.len().min(BATCH)];
             let mut attr = BatchAttr {
-                keys: chunk.as_ptr() as u64,
-                count: chunk.len() as u32,
+                keys: rest.as_ptr() as u64,
+                count: rest.len() as u32,
                 map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
                 ..BatchAttr::default()
             };
@@ -170,7 +235,7 @@ impl ConntrackTable {
             let done = attr.count as usize;
             deleted += done;
             match result {
-                Ok(()) => rest = &rest[chunk.len()..],
+                Ok(()) => rest = &[],
                 // The batch stops at a key that is gone: skip it.
                 Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
                     rest = &rest[(done + 1).min(rest.len())..];
@@ -204,18 +269,33 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn walk(entries: usize, expired: usize) -> Walk {
+        Walk {
+            entries,
+            expired,
+            removed: expired,
+            ..Walk::default()
+        }
+    }
+
     #[test]
     fn evictions_are_what_the_walk_misses() {
         let mut evictions = Evictions::default();
-        let walk = |entries, expired| Walk {
-            entries,
-            expired,
-            ..Walk::default()
-        };
         assert_eq!(evictions.update(&walk(10, 4), 100, 0), 0, "first walk");
         // 10 left, 6 created, 1 removed by the datapath: 15 expected.
         assert_eq!(evictions.update(&walk(12, 3), 106, 1), 0);
         // 12 left, 10 created: 22 expected, 17 found.
         assert_eq!(evictions.update(&walk(15, 2), 116, 1), 5);
+    }
+
+    #[test]
+    fn a_walk_that_sees_entries_created_during_it_reports_no_phantom() {
+        let mut evictions = Evictions::default();
+        evictions.update(&walk(10, 0), 100, 0);
+        // 4 created while the walk read (after the counters): seen, not yet
+        // counted — a negative balance, not a phantom later.
+        assert_eq!(evictions.update(&walk(14, 0), 100, 0), 0);
+        assert_eq!(evictions.update(&walk(14, 0), 104, 0), 0);
+        assert_eq!(evictions.update(&walk(14, 0), 104, 0), 0);
     }
 }

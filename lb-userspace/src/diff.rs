@@ -64,12 +64,15 @@ fn source_range(frontend_id: u32, (ip, len): (Ipv4Addr, u8)) -> SourceRange {
 pub struct FrontendWrites {
     /// `namespace/name:port` of its Service port, for reports.
     pub service_port: String,
+    /// Its id: the cleanup of a frontend whose unit failed is held back.
+    pub frontend_id: u32,
     pub writes: Vec<Op>,
 }
 
 /// Everything one diff writes: each changed frontend's unit, then the
-/// deletions (frontends, source ranges, slots) and the backends that start
-/// draining.
+/// deletions (frontends, source ranges, slots). The backends that start
+/// draining follow from what the maps hold once these went through
+/// ([`drains`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub frontends: Vec<FrontendWrites>,
@@ -186,6 +189,7 @@ pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
         if !writes.is_empty() {
             plan.frontends.push(FrontendWrites {
                 service_port: frontend.service_port.clone(),
+                frontend_id: id,
                 writes,
             });
         }
@@ -215,24 +219,29 @@ pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
             .filter(|key| key.slot >= slot_counts.get(&key.frontend_id).copied().unwrap_or(0))
             .map(|key| Op::DeleteSlot(*key)),
     );
-    // Backends no slot holds any more drain: established flows keep them
-    // until the conntrack walk finds none naming them (see `sync`).
-    plan.cleanup.extend(
-        current
-            .backends
-            .iter()
-            .filter(|(id, b)| !used_backends.contains(id) && b.flags & backend_flags::DRAINING == 0)
-            .map(|(id, b)| {
-                Op::PutBackend(
-                    *id,
-                    Backend {
-                        flags: b.flags | backend_flags::DRAINING,
-                        ..*b
-                    },
-                )
-            }),
-    );
     (plan, problems)
+}
+
+/// The writes that flag draining the backends no slot of `state` holds:
+/// established flows keep them until the conntrack walk finds none naming
+/// them (see `sync`). Computed from what the maps hold, so a frontend whose
+/// writes failed keeps its backends in service.
+pub fn drains(state: &State) -> Vec<Op> {
+    let slotted: BTreeSet<u32> = state.slots.values().copied().collect();
+    state
+        .backends
+        .iter()
+        .filter(|(id, b)| !slotted.contains(id) && b.flags & backend_flags::DRAINING == 0)
+        .map(|(id, b)| {
+            Op::PutBackend(
+                *id,
+                Backend {
+                    flags: b.flags | backend_flags::DRAINING,
+                    ..*b
+                },
+            )
+        })
+        .collect()
 }
 
 /// New slot contents for `tiers` (backend ids), keeping every backend that
@@ -337,6 +346,12 @@ mod tests {
         (plan.ops(), problems)
     }
 
+    /// `ops` applied to `state`, then the drains they lead to.
+    fn apply(state: &mut State, ops: &[Op]) {
+        ops.iter().for_each(|op| state.apply(op));
+        drains(state).iter().for_each(|op| state.apply(op));
+    }
+
     fn frontend(i: u32) -> FrontendAddr {
         FrontendAddr {
             ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i),
@@ -376,7 +391,7 @@ mod tests {
         let mut state = State::default();
         let (ops, problems) = diff(desired, &state);
         assert!(problems.is_empty());
-        ops.iter().for_each(|op| state.apply(op));
+        apply(&mut state, &ops);
         state
     }
 
@@ -450,8 +465,18 @@ mod tests {
         let tier = &mut desired.frontends.get_mut(&frontend(500)).unwrap().tiers[0];
         tier.remove(&endpoint(500 * 1000 + 2));
         let (ops, _) = diff(&desired, &state);
-        assert_eq!(ops.len(), 4, "{ops:?}");
-        ops.iter().for_each(|op| state.apply(op));
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!(
+            drains(&{
+                let mut after = state.clone();
+                ops.iter().for_each(|op| after.apply(op));
+                after
+            })
+            .len(),
+            1,
+            "and the backend drains"
+        );
+        apply(&mut state, &ops);
         assert_eq!(programmed(&state), programmed(&synced(&desired)));
         // Add one: backend, slot, count.
         let tier = &mut desired.frontends.get_mut(&frontend(7)).unwrap().tiers[0];
@@ -471,7 +496,7 @@ mod tests {
         let removed = ids_before[&backend_value(&endpoint(0), Protocol::Tcp, false)];
         desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].remove(&endpoint(0));
         let (ops, _) = diff(&desired, &state);
-        ops.iter().for_each(|op| state.apply(op));
+        apply(&mut state, &ops);
         assert_ne!(
             state.backends[&removed].flags & backend_flags::DRAINING,
             0,
@@ -496,7 +521,7 @@ mod tests {
             )),
             "{ops:?}"
         );
-        ops.iter().for_each(|op| state.apply(op));
+        apply(&mut state, &ops);
         assert_eq!(programmed(&synced(&desired)), programmed(&state));
         state.backends.remove(&removed);
         desired.frontends.get_mut(&frontend(0)).unwrap().tiers[0].remove(&endpoint(0));
@@ -531,7 +556,7 @@ mod tests {
         );
         desired.frontends.remove(&frontend(1));
         let (ops, _) = diff(&desired, &state);
-        ops.iter().for_each(|op| state.apply(op));
+        apply(&mut state, &ops);
         // Ids differ from a fresh sync; what is programmed does not.
         assert_eq!(programmed(&synced(&desired)), programmed(&state));
         assert_eq!(state.frontends.len(), 2);
@@ -612,7 +637,7 @@ mod tests {
             "{ops:?}"
         );
         assert_eq!(ops.len(), 3, "{ops:?}");
-        ops.iter().for_each(|op| state.apply(op));
+        apply(&mut state, &ops);
         assert!(state.source_ranges.is_empty());
     }
 

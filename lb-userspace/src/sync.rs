@@ -18,7 +18,7 @@ use crate::{
     Error,
     conntrack::Walk,
     dataplane::Dataplane,
-    diff::diff,
+    diff::{diff, drains},
     model::{self, Node},
     problem::{Invalid, Problem},
     source::Snapshot,
@@ -102,6 +102,15 @@ impl<D: Dataplane> Syncer<D> {
         self.mirror = read;
         self.mirror.max_backend_id_in_use = self.mirror.max_backend_id_in_use.max(backend);
         self.mirror.max_frontend_id_in_use = self.mirror.max_frontend_id_in_use.max(frontend);
+        // Draining backends written behind our back drain from now.
+        let now = Instant::now();
+        for (id, backend) in &self.mirror.backends {
+            if backend.flags & backend_flags::DRAINING != 0 {
+                self.draining_since.entry(*id).or_insert(now);
+            }
+        }
+        self.draining_since
+            .retain(|id, _| self.mirror.backends.contains_key(id));
         Ok(())
     }
 
@@ -125,29 +134,37 @@ impl<D: Dataplane> Syncer<D> {
         let forget = affinity_to_forget(&plan.ops(), &self.mirror);
         let mut writes = 0;
         let mut failed_writes = 0;
+        let mut failed_frontends = BTreeSet::new();
         for unit in &plan.frontends {
             let (done, failure) = self.apply_unit(&unit.writes);
             writes += done;
             if let Some(err) = failure {
                 failed_writes += 1;
+                failed_frontends.insert(unit.frontend_id);
                 problems.push(Problem::new(
                     service_of(&unit.service_port),
                     Invalid::Capacity(format!("{}: {err}", unit.service_port)),
                 ));
             }
         }
-        for op in &plan.cleanup {
-            match self.write(op) {
-                Ok(()) => writes += 1,
-                Err(err) => {
-                    failed_writes += 1;
-                    problems.push(Problem::new(
-                        "xlb datapath",
-                        Invalid::Capacity(format!("{op:?}: {err}")),
-                    ));
-                }
-            }
-        }
+        // A frontend whose unit failed keeps its slots and ranges as they
+        // are; the backends no slot holds any more drain.
+        let cleanup: Vec<Op> = plan
+            .cleanup
+            .iter()
+            .filter(|op| match op {
+                Op::DeleteSlot(key) => !failed_frontends.contains(&key.frontend_id),
+                Op::DeleteSourceRange((key, _)) => !failed_frontends.contains(&key.frontend_id),
+                _ => true,
+            })
+            .copied()
+            .collect();
+        let (done, failed) = self.write_all(&cleanup, &mut problems);
+        writes += done;
+        failed_writes += failed;
+        let (done, failed) = self.write_all(&drains(&self.mirror), &mut problems);
+        writes += done;
+        failed_writes += failed;
         if !forget.is_empty()
             && let Err(err) = self.dataplane.forget_affinity(&forget)
         {
@@ -181,14 +198,35 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
+    /// Applies `ops` one by one, each failure a problem; returns the writes
+    /// made and failed.
+    fn write_all(&mut self, ops: &[Op], problems: &mut Vec<Problem>) -> (usize, usize) {
+        let mut done = 0;
+        for op in ops {
+            match self.write(op) {
+                Ok(()) => done += 1,
+                Err(err) => problems.push(Problem::new(
+                    "xlb datapath",
+                    Invalid::Capacity(format!("{op:?}: {err}")),
+                )),
+            }
+        }
+        (done, ops.len() - done)
+    }
+
     /// Applies one frontend's writes until one fails; a slot is never
-    /// written before its backend is in the maps (another unit may have
-    /// failed to write a backend they share). Returns the writes made, and
-    /// the failure that stopped the unit.
+    /// written before its backend is in the maps and in service (another
+    /// unit may have failed to write, or to bring back, a backend they
+    /// share). Returns the writes made, and the failure that stopped the
+    /// unit.
     fn apply_unit(&mut self, writes: &[Op]) -> (usize, Option<Error>) {
         for (done, op) in writes.iter().enumerate() {
             if let Op::PutSlot(_, id) = op
-                && !self.mirror.backends.contains_key(id)
+                && !self
+                    .mirror
+                    .backends
+                    .get(id)
+                    .is_some_and(|b| b.flags & backend_flags::DRAINING == 0)
             {
                 return (done, Some(Error::MissingBackend(*id)));
             }
@@ -225,10 +263,13 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.mirror.max_frontend_id_in_use =
             self.mirror.max_frontend_id_in_use.max(walk.max_frontend_id);
+        let slotted: BTreeSet<u32> = self.mirror.slots.values().copied().collect();
         let unused: Vec<u32> = self
             .draining_since
             .iter()
-            .filter(|(id, since)| **since < started && !walk.backends.contains(id))
+            .filter(|(id, since)| {
+                **since < started && !walk.backends.contains(id) && !slotted.contains(id)
+            })
             .map(|(id, _)| *id)
             .collect();
         let mut deleted = 0;
@@ -558,6 +599,40 @@ mod failures {
         assert_eq!(report.failed_writes, 0);
         assert_eq!(served(&syncer.dataplane().state, [10, 96, 0, 2]).len(), 2);
         assert!(!syncer.retry_due(Instant::now() + Duration::from_secs(5)));
+    }
+
+    /// b goes from [.1, .2, .3] to [.2, .4] and .4 cannot be written: b
+    /// keeps serving all three, none drains, no slot of it is deleted.
+    #[test]
+    fn a_failed_unit_keeps_its_old_slots_and_backends() {
+        let node = Node::default();
+        let mut syncer = Syncer::new(Flaky {
+            state: State::default(),
+            fails: |_| false,
+        })
+        .unwrap();
+        syncer.sync(
+            &snapshot(&["10.244.2.1", "10.244.2.2", "10.244.2.3"]),
+            &node,
+        );
+        syncer.dataplane.fails = |op| is_backend(op, [10, 244, 2, 4]);
+        let report = syncer.sync(&snapshot(&["10.244.2.2", "10.244.2.4"]), &node);
+        assert_eq!(report.failed_writes, 1);
+        let state = &syncer.dataplane().state;
+        let mut served = served(state, [10, 96, 0, 2]);
+        served.sort();
+        let want: Vec<Ipv4Addr> = ["10.244.2.1", "10.244.2.2", "10.244.2.3"]
+            .iter()
+            .map(|ip| ip.parse().unwrap())
+            .collect();
+        assert_eq!(served, want);
+        assert!(
+            state
+                .backends
+                .values()
+                .all(|b| b.flags & backend_flags::DRAINING == 0),
+            "{state:?}"
+        );
     }
 
     #[test]

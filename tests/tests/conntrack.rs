@@ -160,6 +160,30 @@ fn syn_after_close_starts_a_new_flow() {
     );
 }
 
+/// A flow closes when its second FIN is seen, however long the first
+/// direction was idle: both entries live their 2 s from then, so the
+/// client's last ACK still belongs to the flow.
+#[test]
+fn closing_gives_both_entries_their_time_from_the_close() {
+    require_root!();
+    let mut lb = lb(PROTO_TCP);
+    let backend = backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
+    backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::FIN | flags::ACK));
+    // The client's half-closed direction then idles for 5 s.
+    let idle = monotonic_coarse_ns() - 5_000_000_000;
+    lb.edit_conntrack(|entry| entry.last_seen_ns = idle);
+    reply(&mut lb, backend, flags::FIN | flags::ACK);
+    backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::ACK));
+    assert_eq!(
+        lb.counted(),
+        vec![
+            (Reason::ForwardNew, 1),
+            (Reason::ForwardEstablished, 2),
+            (Reason::RevNat, 1)
+        ]
+    );
+}
+
 /// A closed flow (both FINs) releases its entries within 2 s: a packet
 /// with its tuple 2.1 s later starts a new flow.
 #[test]

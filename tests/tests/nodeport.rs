@@ -291,6 +291,27 @@ fn one_client_port_to_two_frontends_never_shares_a_snat_port() {
     }
 }
 
+/// A client that reopens a connection from the same port while the old
+/// one is closing gets a new flow on the same SNAT port: the old flow's
+/// entries are released, not left holding the port.
+#[test]
+fn a_reopened_client_tuple_takes_back_its_snat_port() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    for hook in HOOKS {
+        let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
+        let client = "192.168.77.200:62000";
+        let mut ports = Vec::new();
+        for tcp_flags in [flags::SYN, flags::RST, flags::SYN, flags::RST, flags::SYN] {
+            let frame = Packet::tcp(client, NODE_PORT, tcp_flags).bytes();
+            let (_, out) = run(&mut lb, &node, hook, &frame, node.ext);
+            ports.push(seen(&out.frame).src.port());
+        }
+        assert_eq!(ports, [62000; 5], "{hook:?}");
+        assert_eq!(lb.conntrack().len(), 2, "{hook:?}: one flow's entries");
+    }
+}
+
 /// The CPU that loses a SNATed flow's creation race had already taken a
 /// SNAT port: it gives it back and adopts the winner's translation.
 #[test]

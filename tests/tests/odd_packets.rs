@@ -109,12 +109,32 @@ fn fragments_follow_their_first_one() {
     assert_eq!((got.src, got.dst), (addr(VIP), addr(CLIENT)));
 }
 
+/// Before its first, a fragment's flow is unknown: it passes untouched
+/// and counted (it may not be ours), and creates no flow.
 #[test]
-fn a_fragment_before_its_first_is_dropped() {
+fn a_fragment_before_its_first_passes_untouched() {
     require_root!();
     let mut lb = lb();
     let [_, later] = fragments(&big_udp(CLIENT, VIP, 600), 208);
-    lb.assert_drops(FROM_POD, &later, Reason::DropFragmentOutOfOrder);
+    lb.assert_passes_unchanged(FROM_POD, &later, Reason::PassFragmentOutOfOrder);
+    assert!(lb.conntrack().is_empty());
+}
+
+/// A later fragment whose flow went away meanwhile (evicted) follows
+/// nothing: it never starts a flow of its own, so a datagram never splits.
+#[test]
+fn a_later_fragment_never_creates_a_flow() {
+    require_root!();
+    let mut lb = lb();
+    let [first, later] = fragments(&big_udp(CLIENT, VIP, 600), 208);
+    lb.run(FROM_POD, &first);
+    for (key, _) in lb.conntrack() {
+        lb.maps.conntrack.remove(&key).unwrap();
+    }
+    let out = lb.run(FROM_POD, &later);
+    assert_eq!(out.frame, later, "untouched");
+    assert!(lb.conntrack().is_empty());
+    assert!(lb.counted().contains(&(Reason::PassFragment, 1)));
 }
 
 #[test]
