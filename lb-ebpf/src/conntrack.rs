@@ -267,7 +267,7 @@ fn release(flow: &Flow, old: &CtEntry, forward_key: &CtKey) {
     let reply_key = peer_key(flow, direction::FORWARD, old);
     let ours = old.flags & ct_flags::SNAT == 0
         // SAFETY: copied out at once.
-        || unsafe { CONNTRACK.get(&reply_key) }
+        || unsafe { CONNTRACK.get(reply_key) }
             .is_some_and(|reply| reply.peer_addr == flow.saddr && reply.peer_port == flow.sport);
     if ours {
         remove(&reply_key);

@@ -221,12 +221,14 @@ impl<D: Dataplane> Syncer<D> {
     /// unit.
     fn apply_unit(&mut self, writes: &[Op]) -> (usize, Option<Error>) {
         for (done, op) in writes.iter().enumerate() {
-            if let Op::PutSlot(_, id) = op
-                && !self
-                    .mirror
+            let in_service = |id| {
+                self.mirror
                     .backends
                     .get(id)
-                    .is_some_and(|b| b.flags & backend_flags::DRAINING == 0)
+                    .is_some_and(|b: &lb_common::Backend| b.flags & backend_flags::DRAINING == 0)
+            };
+            if let Op::PutSlot(_, id) = op
+                && !in_service(id)
             {
                 return (done, Some(Error::MissingBackend(*id)));
             }
