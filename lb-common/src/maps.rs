@@ -48,8 +48,10 @@ pub const SOURCE_RANGES_MAX: u32 = 65_536;
 pub const COUNTERS: &str = "XLB_COUNTERS";
 
 /// External interfaces whose XDP program may send frames back out itself
-/// (`XDP_TX`): ifindex (`u32`) → `u8` (unused, 1). Elsewhere XDP leaves
-/// those frames to TC, which forwards them through the stack.
+/// (`XDP_TX`): an array whose slot `ifindex % XDP_TX_IFACES_MAX` holds that
+/// ifindex. Elsewhere (and for the second of two interfaces sharing a
+/// slot) XDP leaves those frames to TC, which forwards them through the
+/// stack. An array lookup is inlined by the verifier: a few ns.
 pub const XDP_TX_IFACES: &str = "XLB_XDP_TX_IFACES";
 /// Capacity of [`XDP_TX_IFACES`].
 pub const XDP_TX_IFACES_MAX: u32 = 256;

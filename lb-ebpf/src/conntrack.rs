@@ -176,8 +176,9 @@ pub struct Created {
 ///
 /// `replaced`: the flow this one replaces under the same forward key, a
 /// stale one (see [`Found::Stale`]) or one that must move (a UDP flow whose
-/// backend drains): its entries go first, its SNAT port with them. With
-/// `snat_addr` the backend sees that address as the source
+/// backend drains). Its entries are rewritten in place; its SNAT port is
+/// given back first, so a client that reopens from the same port gets the
+/// same one. With `snat_addr` the backend sees that address as the source
 /// (a hairpin flow, or an external flow to a remote backend), on a port
 /// that makes the reply's tuple unique: the client's own when it is free
 /// (and, for an external flow, in the SNAT range), otherwise a random one
@@ -226,10 +227,10 @@ pub fn create(
         ..reply
     };
     let forward_key = key(flow, direction::FORWARD);
-    if let Some(old) = replaced {
-        release(flow, old, &forward_key);
-    }
     if let Some(addr) = snat_addr {
+        if let Some(old) = replaced {
+            release_snat_port(flow, old);
+        }
         reply.flags |= ct_flags::SNAT;
         reply.peer_addr = flow.saddr;
         reply.peer_port = flow.sport;
@@ -240,14 +241,27 @@ pub fn create(
         forward.peer_addr = addr;
         forward.peer_port = port;
     }
-    if !insert_new(&forward_key, &forward) {
+    let written = if replaced.is_some() {
+        rewrite(&forward_key, &forward) || insert_new(&forward_key, &forward)
+    } else {
+        insert_new(&forward_key, &forward)
+    };
+    if !written {
         if snat_addr.is_some() {
             // Our SNAT port goes back: the winner has its own.
             remove(&reply_key);
         }
         return adopt(&forward_key);
     }
-    if snat_addr.is_none() && !insert_new(&reply_key, &reply) && !overwrite(&reply_key, &reply) {
+    // Without SNAT the reply entry follows the won forward entry (the
+    // packet is not out yet, so no reply can come first). Its tuple may be
+    // held by another frontend's flow of the same client port and backend:
+    // the newer flow's replies win.
+    if snat_addr.is_none()
+        && !rewrite(&reply_key, &reply)
+        && !insert_new(&reply_key, &reply)
+        && CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).is_err()
+    {
         remove(&forward_key);
         return Err(Reason::DropConntrackFull);
     }
@@ -257,22 +271,48 @@ pub fn create(
     })
 }
 
-/// Removes the entries of `old`, the flow under `forward_key` that a new
-/// one replaces. Its reply entry goes only while it is still that flow's: a
-/// SNAT tuple may have passed to another flow since it expired. Two CPUs
-/// replacing the same stale flow both remove, then race on `BPF_NOEXIST`
-/// as for a fresh flow.
+/// Gives back the SNAT port of `old`, the flow a new one replaces, while
+/// its reply entry is still that flow's (the tuple may have passed to
+/// another flow since it expired).
 #[inline(always)]
-fn release(flow: &Flow, old: &CtEntry, forward_key: &CtKey) {
+fn release_snat_port(flow: &Flow, old: &CtEntry) {
+    if old.flags & ct_flags::SNAT == 0 {
+        return;
+    }
     let reply_key = peer_key(flow, direction::FORWARD, old);
-    let ours = old.flags & ct_flags::SNAT == 0
-        // SAFETY: copied out at once.
-        || unsafe { CONNTRACK.get(reply_key) }
-            .is_some_and(|reply| reply.peer_addr == flow.saddr && reply.peer_port == flow.sport);
+    // SAFETY: copied out at once.
+    let ours = unsafe { CONNTRACK.get(reply_key) }
+        .is_some_and(|reply| reply.peer_addr == flow.saddr && reply.peer_port == flow.sport);
     if ours {
         remove(&reply_key);
     }
-    remove(forward_key);
+}
+
+/// Rewrites the entry under `key` in place, when there is one: no new
+/// element, no eviction. The timestamp goes last, so a reader racing with
+/// the write sees the old (stale) entry until the new one is whole. Two
+/// CPUs replacing the same stale flow at once both write; the last one
+/// stays (rare: a stale tuple's first packets on two CPUs at once).
+#[inline(always)]
+fn rewrite(key: &CtKey, entry: &CtEntry) -> bool {
+    let Some(held) = CONNTRACK.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid map value pointer; fields are stored whole, in this
+    // order (volatile: the compiler keeps it; BPF has no fences).
+    unsafe {
+        let held = &mut *held;
+        core::ptr::write_volatile(&mut held.nat_addr, entry.nat_addr);
+        core::ptr::write_volatile(&mut held.nat_port, entry.nat_port);
+        core::ptr::write_volatile(&mut held.flags, entry.flags);
+        core::ptr::write_volatile(&mut held.backend_id, entry.backend_id);
+        core::ptr::write_volatile(&mut held.frontend_id, entry.frontend_id);
+        core::ptr::write_volatile(&mut held.peer_addr, entry.peer_addr);
+        core::ptr::write_volatile(&mut held.peer_port, entry.peer_port);
+        core::ptr::write_volatile(&mut held.state, entry.state);
+        core::ptr::write_volatile(&mut held.last_seen_ns, entry.last_seen_ns);
+    }
+    true
 }
 
 /// The forward entry another CPU created first (or, when there is none,
@@ -297,12 +337,6 @@ fn insert_new(key: &CtKey, entry: &CtEntry) -> bool {
         count(ct_event::CREATED);
     }
     added
-}
-
-/// Overwrites an entry that is there (or was, a moment ago).
-#[inline(always)]
-fn overwrite(key: &CtKey, entry: &CtEntry) -> bool {
-    CONNTRACK.insert(key, entry, BPF_ANY as u64).is_ok()
 }
 
 /// Removes an entry this program added, counted.

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, FragmentKey, FragmentPorts,
@@ -58,6 +58,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT as u32, 0);
 
 /// External interfaces where `nodeport_xdp` may answer with `XDP_TX`
-/// (ifindex → 1): where delivery of such frames is known to work.
+/// (slot `ifindex % capacity` holds the ifindex): where delivery of such
+/// frames is known to work.
 #[map(name = "XLB_XDP_TX_IFACES")]
-pub static XDP_TX_IFACES: HashMap<u32, u8> = HashMap::pinned(maps::XDP_TX_IFACES_MAX, 0);
+pub static XDP_TX_IFACES: Array<u32> = Array::pinned(maps::XDP_TX_IFACES_MAX, 0);

@@ -61,8 +61,10 @@ fn translate(
     // Decide before touching the frame: what cannot go back out of this
     // interface right now, or not by XDP_TX, is TC's.
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: a plain value read at once.
-    unsafe { XDP_TX_IFACES.get(ifindex) }?;
+    let slot = XDP_TX_IFACES.get(ifindex % lb_common::maps::XDP_TX_IFACES_MAX)?;
+    if *slot != ifindex {
+        return None;
+    }
     let after = translation.rewrite.apply_to(flow);
     let Some(NextHop::Resolved {
         ifindex: out,

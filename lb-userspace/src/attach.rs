@@ -272,23 +272,29 @@ pub fn uses_xdp_tx(setting: XdpTx, mode: XdpMode, driver: &str) -> bool {
 }
 
 /// Records which external interfaces' XDP program may use `XDP_TX`
-/// (replacing what a previous agent recorded).
+/// (replacing what a previous agent recorded). Two such interfaces whose
+/// indexes share a slot: the second leaves its frames to TC (logged).
 pub fn set_xdp_tx_interfaces(
-    map: &mut aya::maps::HashMap<aya::maps::MapData, u32, u8>,
+    map: &mut aya::maps::Array<aya::maps::MapData, u32>,
     interfaces: &[String],
 ) -> Result<(), Error> {
     let name = lb_common::maps::XDP_TX_IFACES;
-    let wanted: BTreeSet<u32> = interfaces.iter().filter_map(|i| ifindex(i)).collect();
-    let stale: Vec<u32> = map
-        .keys()
-        .flatten()
-        .filter(|k| !wanted.contains(k))
-        .collect();
-    for ifindex in stale {
-        map.remove(&ifindex).map_err(Error::map(name))?;
+    let capacity = lb_common::maps::XDP_TX_IFACES_MAX;
+    let mut slots = vec![0u32; capacity as usize];
+    for interface in interfaces {
+        let Some(ifindex) = ifindex(interface) else {
+            continue;
+        };
+        let slot = &mut slots[(ifindex % capacity) as usize];
+        if *slot == 0 {
+            *slot = ifindex;
+        } else {
+            tracing::warn!(%interface, "XDP_TX slot taken by another interface: its frames go to TC");
+        }
     }
-    for ifindex in wanted {
-        map.insert(ifindex, 1, 0).map_err(Error::map(name))?;
+    for (index, ifindex) in slots.into_iter().enumerate() {
+        map.set(index as u32, ifindex, 0)
+            .map_err(Error::map(name))?;
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
     REASON_COUNT, Reason, SlotKey, SourceRangeKey, ct_event, maps,
@@ -20,7 +20,7 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub counters: PerCpuArray<MapData, Counter>,
-    pub xdp_tx_ifaces: HashMap<MapData, u32, u8>,
+    pub xdp_tx_ifaces: Array<MapData, u32>,
     pub conntrack_events: PerCpuArray<MapData, u64>,
 }
 

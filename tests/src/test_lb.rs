@@ -114,10 +114,11 @@ impl TestLb {
     /// Lets `nodeport_xdp` answer with `XDP_TX` on interface `ifindex`, as
     /// the agent does where that delivery works.
     pub fn allow_xdp_tx(&mut self, ifindex: u32) {
+        let slot = ifindex % lb_common::maps::XDP_TX_IFACES_MAX;
         self.maps
             .xdp_tx_ifaces
-            .insert(ifindex, 1, 0)
-            .expect("insert XDP_TX interface");
+            .set(slot, ifindex, 0)
+            .expect("set XDP_TX interface");
     }
 
     /// The ids of every backend added so far.
