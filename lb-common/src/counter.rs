@@ -37,6 +37,10 @@ pub enum Reason {
     /// hook has not seen (out of order, or lost): its ports, and so its
     /// flow, are unknown. Passed untouched: it may not be ours.
     PassFragmentOutOfOrder,
+    /// Such a fragment addressed to an address only Services use
+    /// (`SERVICE_ADDRS`): surely ours, and its datagram cannot be put
+    /// together: dropped.
+    DropFragmentOutOfOrder,
     /// Addressed to a frontend but the L4 header is truncated or malformed.
     DropMalformed,
     /// The conntrack entry could not be written.
@@ -66,6 +70,7 @@ impl Reason {
         Reason::DropNoBackend,
         Reason::DropNoLocalBackend,
         Reason::PassFragmentOutOfOrder,
+        Reason::DropFragmentOutOfOrder,
         Reason::DropMalformed,
         Reason::DropConntrackFull,
         Reason::DropSourceRange,
@@ -88,6 +93,7 @@ impl Reason {
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNoLocalBackend => "drop_no_local_backend",
             Reason::PassFragmentOutOfOrder => "pass_fragment_out_of_order",
+            Reason::DropFragmentOutOfOrder => "drop_fragment_out_of_order",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropConntrackFull => "drop_conntrack_full",
             Reason::DropSourceRange => "drop_source_range",
@@ -108,12 +114,13 @@ impl Reason {
                 | Reason::DropSourceRange
                 | Reason::DropNoSnatPort
                 | Reason::DropTtlExceeded
+                | Reason::DropFragmentOutOfOrder
         )
     }
 }
 
 /// Number of [`Reason`]s: the size of the counters map.
-pub const REASON_COUNT: usize = 17;
+pub const REASON_COUNT: usize = 18;
 
 /// Value of the per-CPU counters map.
 #[repr(C)]

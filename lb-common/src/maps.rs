@@ -44,6 +44,13 @@ pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
 /// Capacity of [`SOURCE_RANGES`].
 pub const SOURCE_RANGES_MAX: u32 = 65_536;
 
+/// The addresses only Services use — ClusterIPs, LoadBalancer and external
+/// IPs, never one of the node's own: address (`u32`, wire order) → `u8`
+/// (unused, 1). What is addressed there is xlb's whatever its port.
+pub const SERVICE_ADDRS: &str = "XLB_SERVICE_ADDRS";
+/// Capacity of [`SERVICE_ADDRS`].
+pub const SERVICE_ADDRS_MAX: u32 = 65_536;
+
 /// Per-CPU counters: [`crate::Reason`] as `u32` → [`crate::Counter`].
 pub const COUNTERS: &str = "XLB_COUNTERS";
 
@@ -57,8 +64,9 @@ pub const XDP_TX_IFACES: &str = "XLB_XDP_TX_IFACES";
 pub const XDP_TX_IFACES_MAX: u32 = 256;
 
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     FRONTENDS,
+    SERVICE_ADDRS,
     SLOTS,
     BACKENDS,
     CONNTRACK,

@@ -53,6 +53,12 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
     LpmTrie::pinned(maps::SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 
+/// The addresses only Services use (never the node's own): whatever is
+/// addressed there is xlb's.
+#[map(name = "XLB_SERVICE_ADDRS")]
+pub static SERVICE_ADDRS: HashMap<u32, u8> =
+    HashMap::pinned(maps::SERVICE_ADDRS_MAX, BPF_F_NO_PREALLOC);
+
 /// Packets and bytes per verdict/drop reason, per CPU.
 #[map(name = "XLB_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT as u32, 0);

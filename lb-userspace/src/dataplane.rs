@@ -53,6 +53,10 @@ impl Dataplane for Maps {
             let (key, value) = entry.map_err(Error::map(lb_common::maps::BACKENDS))?;
             state.backends.insert(key, value);
         }
+        for addr in self.service_addrs.keys() {
+            let addr = addr.map_err(Error::map(lb_common::maps::SERVICE_ADDRS))?;
+            state.service_addrs.insert(addr);
+        }
         for key in self.source_ranges.keys() {
             let key = key.map_err(Error::map(lb_common::maps::SOURCE_RANGES))?;
             let len = key.prefix_len().saturating_sub(32) as u8;
@@ -72,7 +76,7 @@ impl Dataplane for Maps {
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {
-        use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS, SOURCE_RANGES};
+        use lb_common::maps::{BACKENDS, FRONTENDS, SERVICE_ADDRS, SLOTS, SOURCE_RANGES};
         match *op {
             Op::PutBackend(id, value) => self
                 .backends
@@ -86,6 +90,13 @@ impl Dataplane for Maps {
             Op::DeleteSourceRange(range) => {
                 ignore_missing(self.source_ranges.remove(&lpm_key(range)))
                     .map_err(Error::map(SOURCE_RANGES))
+            }
+            Op::PutServiceAddr(addr) => self
+                .service_addrs
+                .insert(addr, 1, 0)
+                .map_err(Error::map(SERVICE_ADDRS)),
+            Op::DeleteServiceAddr(addr) => {
+                ignore_missing(self.service_addrs.remove(&addr)).map_err(Error::map(SERVICE_ADDRS))
             }
             Op::PutFrontend(key, value) => self
                 .frontends

@@ -69,12 +69,15 @@ pub struct FrontendWrites {
     pub writes: Vec<Op>,
 }
 
-/// Everything one diff writes: each changed frontend's unit, then the
-/// deletions (frontends, source ranges, slots). The backends that start
+/// Everything one diff writes: the new service addresses, each changed
+/// frontend's unit, then the deletions (frontends, source ranges, slots,
+/// service addresses). The backends that start
 /// draining follow from what the maps hold once these went through
 /// ([`drains`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// Addresses that become Services' (before their frontends).
+    pub service_addrs: Vec<Op>,
     pub frontends: Vec<FrontendWrites>,
     pub cleanup: Vec<Op>,
 }
@@ -82,9 +85,10 @@ pub struct Plan {
 impl Plan {
     /// Every write, in the order they are applied.
     pub fn ops(&self) -> Vec<Op> {
-        self.frontends
+        self.service_addrs
             .iter()
-            .flat_map(|f| f.writes.iter().copied())
+            .copied()
+            .chain(self.frontends.iter().flat_map(|f| f.writes.iter().copied()))
             .chain(self.cleanup.iter().copied())
             .collect()
     }
@@ -218,6 +222,22 @@ pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
             .keys()
             .filter(|key| key.slot >= slot_counts.get(&key.frontend_id).copied().unwrap_or(0))
             .map(|key| Op::DeleteSlot(*key)),
+    );
+    let wanted_addrs: BTreeSet<u32> = desired
+        .service_addrs
+        .iter()
+        .map(|ip| ipv4_raw(ip.octets()))
+        .collect();
+    plan.service_addrs.extend(
+        wanted_addrs
+            .difference(&current.service_addrs)
+            .map(|addr| Op::PutServiceAddr(*addr)),
+    );
+    plan.cleanup.extend(
+        current
+            .service_addrs
+            .difference(&wanted_addrs)
+            .map(|addr| Op::DeleteServiceAddr(*addr)),
     );
     (plan, problems)
 }

@@ -14,6 +14,7 @@ use crate::Error;
 /// Every map of the datapath.
 pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub service_addrs: HashMap<MapData, u32, u8>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
@@ -48,6 +49,7 @@ impl Maps {
         }
         Ok(Self {
             frontends: typed(maps::FRONTENDS, open(maps::FRONTENDS)?)?,
+            service_addrs: typed(maps::SERVICE_ADDRS, open(maps::SERVICE_ADDRS)?)?,
             slots: typed(maps::SLOTS, open(maps::SLOTS)?)?,
             backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,
             conntrack: typed(maps::CONNTRACK, open(maps::CONNTRACK)?)?,

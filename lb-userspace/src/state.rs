@@ -16,6 +16,8 @@ pub struct State {
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub source_ranges: BTreeSet<SourceRange>,
+    /// The addresses only Services use (wire order).
+    pub service_addrs: BTreeSet<u32>,
     /// The highest backend id a conntrack entry still names: ids up to it
     /// are never handed out again (a flow must not follow a reused id to
     /// another pod).
@@ -31,9 +33,11 @@ pub enum Op {
     PutBackend(u32, Backend),
     PutSlot(SlotKey, u32),
     PutSourceRange(SourceRange),
+    PutServiceAddr(u32),
     PutFrontend(FrontendKey, Frontend),
     DeleteFrontend(FrontendKey),
     DeleteSourceRange(SourceRange),
+    DeleteServiceAddr(u32),
     DeleteSlot(SlotKey),
     DeleteBackend(u32),
 }
@@ -54,6 +58,12 @@ impl State {
             }
             Op::DeleteSourceRange(range) => {
                 self.source_ranges.remove(&range);
+            }
+            Op::PutServiceAddr(addr) => {
+                self.service_addrs.insert(addr);
+            }
+            Op::DeleteServiceAddr(addr) => {
+                self.service_addrs.remove(&addr);
             }
             Op::PutFrontend(key, frontend) => {
                 self.frontends.insert(key, frontend);

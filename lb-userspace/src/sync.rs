@@ -135,6 +135,9 @@ impl<D: Dataplane> Syncer<D> {
         let mut writes = 0;
         let mut failed_writes = 0;
         let mut failed_frontends = BTreeSet::new();
+        let (done, failed) = self.write_all(&plan.service_addrs, &mut problems);
+        writes += done;
+        failed_writes += failed;
         for unit in &plan.frontends {
             let (done, failure) = self.apply_unit(&unit.writes);
             writes += done;
@@ -370,6 +373,45 @@ mod transitions {
         let mut syncer = Syncer::new(State::default()).unwrap();
         syncer.sync(desired_snapshot, node);
         syncer.dataplane().clone()
+    }
+
+    /// The addresses only Services use follow the Service: ClusterIP and
+    /// LoadBalancer IP in, the node's own address (its NodePorts) never.
+    #[test]
+    fn service_addresses_are_the_services_own() {
+        let node = Node {
+            name: "node1".into(),
+            zone: None,
+            ips: vec!["192.168.77.11".parse().unwrap()],
+        };
+        let one_port = "[{name: a, port: 80, nodePort: 30080}]";
+        let lb = "  type: LoadBalancer\nstatus: {loadBalancer: {ingress: [{ip: 172.18.0.1}]}}";
+        let mut syncer = Syncer::new(State::default()).unwrap();
+        let addrs = |syncer: &Syncer<State>| -> Vec<std::net::Ipv4Addr> {
+            let mut addrs: Vec<std::net::Ipv4Addr> = syncer
+                .dataplane()
+                .service_addrs
+                .iter()
+                .map(|a| lb_common::ipv4_octets(*a).into())
+                .collect();
+            addrs.sort();
+            addrs
+        };
+        syncer.sync(&service(lb, one_port), &node);
+        assert_eq!(
+            addrs(&syncer),
+            [
+                "10.96.0.1".parse::<std::net::Ipv4Addr>().unwrap(),
+                "172.18.0.1".parse().unwrap()
+            ]
+        );
+        syncer.sync(&service("  type: NodePort", one_port), &node);
+        assert_eq!(
+            addrs(&syncer),
+            ["10.96.0.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        syncer.sync(&Snapshot::default(), &node);
+        assert!(addrs(&syncer).is_empty());
     }
 
     #[test]

@@ -106,6 +106,16 @@ impl TestLb {
         id
     }
 
+    /// Marks `ip` as an address only Services use (as the agent does for
+    /// ClusterIPs, LoadBalancer and external IPs).
+    pub fn add_service_addr(&mut self, ip: &str) {
+        let ip: Ipv4Addr = ip.parse().expect("an IPv4 address");
+        self.maps
+            .service_addrs
+            .insert(ipv4_raw(ip.octets()), 1, 0)
+            .expect("insert service address");
+    }
+
     /// The bpffs directory the maps are pinned in.
     pub fn bpffs(&self) -> &std::path::Path {
         self._pins.path()

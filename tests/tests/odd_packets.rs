@@ -109,14 +109,20 @@ fn fragments_follow_their_first_one() {
     assert_eq!((got.src, got.dst), (addr(VIP), addr(CLIENT)));
 }
 
-/// Before its first, a fragment's flow is unknown: it passes untouched
-/// and counted (it may not be ours), and creates no flow.
+/// Before its first, a fragment's flow is unknown: addressed to an
+/// address only Services use, it is surely ours and dropped; anywhere else
+/// (a node's or a pod's address) it passes untouched — it may not be ours.
+/// Counted either way; no flow created.
 #[test]
-fn a_fragment_before_its_first_passes_untouched() {
+fn a_fragment_before_its_first_is_dropped_only_where_it_is_surely_ours() {
     require_root!();
     let mut lb = lb();
-    let [_, later] = fragments(&big_udp(CLIENT, VIP, 600), 208);
-    lb.assert_passes_unchanged(FROM_POD, &later, Reason::PassFragmentOutOfOrder);
+    let [_, to_service] = fragments(&big_udp(CLIENT, VIP, 600), 208);
+    let [_, elsewhere] = fragments(&big_udp(CLIENT, OTHER, 600), 208);
+    lb.assert_passes_unchanged(FROM_POD, &to_service, Reason::PassFragmentOutOfOrder);
+    lb.add_service_addr("10.96.0.10");
+    lb.assert_drops(FROM_POD, &to_service, Reason::DropFragmentOutOfOrder);
+    lb.assert_passes_unchanged(FROM_POD, &elsewhere, Reason::PassFragmentOutOfOrder);
     assert!(lb.conntrack().is_empty());
 }
 

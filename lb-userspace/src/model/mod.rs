@@ -160,6 +160,9 @@ pub struct Desired {
     /// Addresses of the endpoints that run on this node: external traffic
     /// reaches them without SNAT.
     pub local_endpoints: BTreeSet<Ipv4Addr>,
+    /// The addresses only Services use: ClusterIPs, LoadBalancer and
+    /// external IPs that are none of this node's.
+    pub service_addrs: BTreeSet<Ipv4Addr>,
 }
 
 /// Applies every rule to `snapshot` for `node`. Objects that break a rule
@@ -179,6 +182,12 @@ pub fn desired(snapshot: &Snapshot, node: &Node) -> (Desired, Vec<Problem>) {
             );
         }
     }
+    desired.service_addrs = desired
+        .frontends
+        .keys()
+        .map(|addr| addr.ip)
+        .filter(|ip| !node.ips.contains(ip))
+        .collect();
     problems.sort();
     problems.dedup();
     (desired, problems)
