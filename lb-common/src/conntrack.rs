@@ -33,11 +33,12 @@ pub struct CtKey {
 }
 map_type!(CtKey, 16);
 
-/// TCP state of a conntrack entry, as far as timeouts need it.
+/// State of a conntrack entry, as far as timeouts need it.
 pub mod ct_state {
-    /// Only a SYN was seen so far (or a non-TCP flow).
+    /// TCP: only a SYN was seen so far. UDP: only the client spoke.
     pub const NEW: u8 = 0;
-    /// Packets beyond the opening SYN were seen.
+    /// TCP: packets beyond the opening SYN were seen. UDP: a stream — the
+    /// client spoke again after a reply (both entries).
     pub const ESTABLISHED: u8 = 1;
     /// Both directions sent their FIN, or one sent an RST: both entries of
     /// the flow live [`crate::CT_TIMEOUT_TCP_CLOSING_NS`] more.
@@ -45,6 +46,9 @@ pub mod ct_state {
     /// This entry's direction sent its FIN, the other has not yet (a
     /// half-closed flow, which may still carry data the other way).
     pub const FIN_SENT: u8 = 3;
+    /// UDP: the backend answered once (a query and its answer, DNS's
+    /// whole flow); not yet a stream.
+    pub const REPLIED: u8 = 4;
 }
 
 /// Indexes of the per-CPU conntrack event counters
@@ -120,8 +124,11 @@ pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 24 * 3600 * SECOND_NS;
 /// a retransmitted FIN, short enough that closed flows never crowd out live
 /// ones (at 30k new connections/s, ~120k entries).
 pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 2 * SECOND_NS;
-/// An idle UDP flow (netfilter's UDP stream timeout).
+/// An idle UDP stream (netfilter's UDP stream timeout).
 pub const CT_TIMEOUT_UDP_NS: u64 = 120 * SECOND_NS;
+/// A UDP flow that is not a stream yet (netfilter's UDP timeout): one-shot
+/// flows such as DNS queries, which would otherwise crowd the table.
+pub const CT_TIMEOUT_UDP_ONE_SHOT_NS: u64 = 30 * SECOND_NS;
 /// The source ports SNAT hands out (host order), kept above the kernel's
 /// default ephemeral range (`ip_local_port_range`, 32768–60999) so that a
 /// translated flow never takes the tuple of one of the node's own
@@ -138,7 +145,11 @@ impl CtEntry {
     /// How long this entry lives after `last_seen_ns`.
     pub const fn lifetime_ns(&self, proto: u8) -> u64 {
         if proto != crate::PROTO_TCP {
-            return CT_TIMEOUT_UDP_NS;
+            return if self.state == ct_state::ESTABLISHED {
+                CT_TIMEOUT_UDP_NS
+            } else {
+                CT_TIMEOUT_UDP_ONE_SHOT_NS
+            };
         }
         match self.state {
             ct_state::NEW => CT_TIMEOUT_TCP_NEW_NS,

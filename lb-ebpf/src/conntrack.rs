@@ -106,6 +106,8 @@ pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Found {
     }
     if flow.proto == PROTO_TCP {
         track_tcp(flow, direction, entry, now);
+    } else {
+        track_udp(flow, direction, entry);
     }
     if now.saturating_sub(entry.last_seen_ns) > CT_REFRESH_NS {
         entry.last_seen_ns = now;
@@ -143,6 +145,24 @@ fn track_tcp(flow: &Flow, direction: u8, entry: &mut CtEntry, now: u64) {
         }
     } else if entry.state != ct_state::CLOSING {
         entry.state = ct_state::FIN_SENT;
+    }
+}
+
+/// UDP has no states of its own; netfilter's are copied for timeouts: a
+/// flow becomes a stream (both entries `ESTABLISHED`, 120 s) when the
+/// client speaks again after a reply; before that (a query and its answer)
+/// it lives 30 s. The other entry is looked up twice a flow at most.
+#[inline(always)]
+fn track_udp(flow: &Flow, direction: u8, entry: &mut CtEntry) {
+    let next = match (direction, entry.state) {
+        (direction::REPLY, ct_state::NEW) => ct_state::REPLIED,
+        (direction::FORWARD, ct_state::REPLIED) => ct_state::ESTABLISHED,
+        _ => return,
+    };
+    entry.state = next;
+    if let Some(peer) = CONNTRACK.get_ptr_mut(peer_key(flow, direction, entry)) {
+        // SAFETY: as in `lookup`.
+        unsafe { (*peer).state = next };
     }
 }
 

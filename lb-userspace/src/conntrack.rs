@@ -5,9 +5,10 @@
 //! live entries name, so that a draining backend is deleted only once no
 //! flow uses it.
 //!
-//! The walk reads the map in batches (`BPF_MAP_LOOKUP_BATCH`) and deletes in
-//! batches (`BPF_MAP_DELETE_BATCH`): a full table of half a million entries
-//! costs tens of milliseconds, not a million syscalls.
+//! The walk reads the map in batches (`BPF_MAP_LOOKUP_BATCH`): a full table
+//! of half a million entries costs tens of milliseconds, not a million
+//! syscalls. Expired entries are deleted one by one, atomically (see
+//! [`ConntrackTable::walk`]): a syscall per closed flow's entry.
 
 use std::{
     collections::BTreeSet,
@@ -22,13 +23,11 @@ use crate::Error;
 
 /// Entries read per syscall.
 const BATCH: usize = 4096;
-/// Expired entries re-checked, then deleted, per syscall: small, so that a
-/// tuple the datapath reuses between the check and the delete is rare.
-const DELETE_BATCH: usize = 64;
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_NOEXIST: u64 = 1;
 
 /// The batch part of `union bpf_attr` (linux/bpf.h).
 #[repr(C)]
@@ -177,33 +176,44 @@ impl ConntrackTable {
         }
     }
 
-    /// Deletes the entries of `keys` that are still expired at `now_ns`:
-    /// each is read again just before its batch is deleted, because the
-    /// datapath may have replaced a stale entry with a new flow since the
-    /// walk read it. A key already gone (evicted, or removed by the
-    /// datapath) is skipped. Returns how many were deleted.
+    /// Deletes the entries of `keys` that are still expired at `now_ns`,
+    /// one at a time with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which removes
+    /// atomically and returns what it removed: an entry the datapath reused
+    /// for a new flow since the walk read it (a client port reused) is put
+    /// back at once, so a live flow is never deleted for good — only for
+    /// the microseconds before it is restored, which its next packet (a
+    /// round trip away) does not see. Returns how many stayed deleted.
     fn delete_expired(&self, keys: &[CtKey], now_ns: u64) -> Result<usize, Error> {
         let mut deleted = 0;
-        for chunk in keys.chunks(DELETE_BATCH) {
-            let still: Vec<CtKey> = chunk
-                .iter()
-                .filter(|key| {
-                    self.lookup(key)
-                        .is_some_and(|entry| entry.is_expired(key.proto, now_ns))
-                })
-                .copied()
-                .collect();
-            deleted += self.delete(&still)?;
+        for key in keys {
+            let Some(entry) = self.elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key, None) else {
+                continue; // already gone
+            };
+            if entry.is_expired(key.proto, now_ns) {
+                deleted += 1;
+            } else {
+                // Restored unless the datapath made the flow anew meanwhile.
+                let _ = self.elem(BPF_MAP_UPDATE_ELEM, key, Some((entry, BPF_NOEXIST)));
+            }
         }
         Ok(deleted)
     }
 
-    fn lookup(&self, key: &CtKey) -> Option<CtEntry> {
-        let mut value = CtEntry::default();
+    /// One element command on `key`: the value it returned (lookup, lookup
+    /// and delete), or `None` when it failed; `write` is the value and
+    /// flags of an update.
+    fn elem(
+        &self,
+        cmd: libc::c_long,
+        key: &CtKey,
+        write: Option<(CtEntry, u64)>,
+    ) -> Option<CtEntry> {
+        let mut value = write.map_or_else(CtEntry::default, |(entry, _)| entry);
         let mut attr = ElemAttr {
             map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
             key: key as *const CtKey as u64,
             value: &raw mut value as u64,
+            flags: write.map_or(0, |(_, flags)| flags),
             ..ElemAttr::default()
         };
         // SAFETY: `attr` points at a key and a value of the map's sizes that
@@ -211,39 +221,12 @@ impl ConntrackTable {
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                BPF_MAP_LOOKUP_ELEM,
+                cmd,
                 &raw mut attr,
                 std::mem::size_of::<ElemAttr>() as u32,
             )
         };
         (rc == 0).then_some(value)
-    }
-
-    /// Deletes `keys` in one batch; a key already gone is skipped. Returns
-    /// how many were deleted.
-    fn delete(&self, keys: &[CtKey]) -> Result<usize, Error> {
-        let mut deleted = 0;
-        let mut rest = keys;
-        while !rest.is_empty() {
-            let mut attr = BatchAttr {
-                keys: rest.as_ptr() as u64,
-                count: rest.len() as u32,
-                map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
-                ..BatchAttr::default()
-            };
-            let result = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
-            let done = attr.count as usize;
-            deleted += done;
-            match result {
-                Ok(()) => rest = &[],
-                // The batch stops at a key that is gone: skip it.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                    rest = &rest[(done + 1).min(rest.len())..];
-                }
-                Err(err) => return Err(Error::ConntrackWalk(err)),
-            }
-        }
-        Ok(deleted)
     }
 }
 

@@ -401,6 +401,42 @@ pub fn connections(
     ))
 }
 
+/// Like [`connections`], but a connection that fails (refused, reset,
+/// timed out) is counted and the load goes on: the rate of the ones that
+/// completed, and the failures by what failed (the step and the error).
+pub fn connections_counting_failures(
+    targets: &[SocketAddrV4],
+    workers: usize,
+    duration: Duration,
+) -> Result<(f64, std::collections::BTreeMap<String, u64>)> {
+    let deadline = Instant::now() + duration;
+    let counts = per_worker(workers, |w| -> Result<(u64, Vec<String>)> {
+        let (mut done, mut failed) = (0, Vec::new());
+        let mut i = w;
+        while Instant::now() < deadline {
+            let to = targets[i % targets.len()];
+            i += 1;
+            let attempt = TcpStream::connect_timeout(&to.into(), IO_TIMEOUT)
+                .context("connect")
+                .and_then(|mut stream| {
+                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                    roundtrip(&mut stream).context("request")
+                });
+            match attempt {
+                Ok(()) => done += 1,
+                Err(err) => failed.push(format!("{err:#}")),
+            }
+        }
+        Ok((done, failed))
+    })?;
+    let done: u64 = counts.iter().map(|c| c.0).sum();
+    let mut failed = std::collections::BTreeMap::new();
+    for err in counts.into_iter().flat_map(|c| c.1) {
+        *failed.entry(err).or_insert(0) += 1;
+    }
+    Ok((done as f64 / duration.as_secs_f64(), failed))
+}
+
 /// Requests per second over `workers` kept-alive connections.
 pub fn keepalive(targets: &[SocketAddrV4], workers: usize, duration: Duration) -> Result<f64> {
     let deadline = Instant::now() + duration;

@@ -184,6 +184,39 @@ fn closing_gives_both_entries_their_time_from_the_close() {
     );
 }
 
+/// UDP timeouts as netfilter's: a query and its answer (DNS) live 30 s;
+/// a flow whose client spoke again after a reply is a stream, 120 s.
+#[test]
+fn one_shot_udp_flows_live_30_s_and_streams_120_s() {
+    require_root!();
+    for stream in [false, true] {
+        let mut lb = lb(PROTO_UDP);
+        let query = Packet::udp(CLIENT, VIP);
+        let backend = backend_of(&mut lb, &query);
+        lb.run(TO_POD, &Packet::udp(&backend.to_string(), CLIENT).bytes());
+        if stream {
+            backend_of(&mut lb, &query);
+        }
+        let states: Vec<u8> = lb.conntrack().iter().map(|(_, e)| e.state).collect();
+        let want = if stream {
+            ct_state::ESTABLISHED
+        } else {
+            ct_state::REPLIED
+        };
+        assert_eq!(states, [want, want], "stream {stream}");
+        let idle = monotonic_coarse_ns() - 31_000_000_000;
+        lb.edit_conntrack(|entry| entry.last_seen_ns = idle);
+        backend_of(&mut lb, &query);
+        let (new, established) = if stream { (1, 2) } else { (2, 0) };
+        let mut want = vec![(Reason::ForwardNew, new)];
+        if established > 0 {
+            want.push((Reason::ForwardEstablished, established));
+        }
+        want.push((Reason::RevNat, 1));
+        assert_eq!(lb.counted(), want, "stream {stream}");
+    }
+}
+
 /// A closed flow (both FINs) releases its entries within 2 s: a packet
 /// with its tuple 2.1 s later starts a new flow.
 #[test]

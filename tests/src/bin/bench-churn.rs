@@ -1,11 +1,14 @@
 //! `cargo xtask bench churn`: churn never evicts a live flow. On the
 //! benchmark's cluster (xlb with default flags, 100 Services), a client
 //! opens a TCP connection and a UDP flow to the real Service and leaves
-//! them idle while, for 60 s, the benchmark's new-connection load runs
+//! them idle (the UDP flow a stream: the client spoke again after a reply)
+//! while, for 60 s, the benchmark's new-connection load runs
 //! beside a burst of one-shot UDP flows (a fresh source port per request,
 //! like a DNS resolver's queries). Then both idle flows must still be on
-//! their backends. Reported: the rates reached, conntrack's peak fill and
-//! the evictions the agent counted, in `target/bench/churn.json`.
+//! their backends. Reported: the rates reached, the load's own failed
+//! connections, conntrack's peak fill and the evictions the agent counted,
+//! in `target/bench/churn.json`. `--mode direct` runs the same load
+//! straight to one backend, without a load balancer, for comparison.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -25,9 +28,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Serialize)]
 struct Report {
+    mode: &'static str,
     load_seconds: u64,
     idle_seconds: u64,
     new_connections_per_s: f64,
+    /// Connections of the load that failed, by step and error.
+    failed_connections: std::collections::BTreeMap<String, u64>,
     one_shot_udp_per_s: f64,
     conntrack_peak_entries: u64,
     conntrack_capacity: u64,
@@ -64,10 +70,12 @@ fn metric(text: &str, name: &str) -> u64 {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut load = Duration::from_secs(60);
+    let mut mode = Mode::Xlb;
     let mut out = std::path::PathBuf::from("target/bench/churn.json");
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--seconds" => load = Duration::from_secs(args.next().context("--seconds N")?.parse()?),
+            "--mode" => mode = Mode::parse(&args.next().context("--mode direct|xlb")?)?,
             "--out" => out = args.next().context("--out FILE")?.into(),
             other => bail!("unknown argument {other}"),
         }
@@ -77,8 +85,8 @@ fn main() -> Result<()> {
     }
     let (mut cluster, _servers) = bench_e2e::cluster()?;
     let services = bench_e2e::services(&cluster, 100);
-    bench_e2e::program(&mut cluster, Mode::Xlb, &services)?;
-    let target = bench_e2e::targets(&cluster, Mode::Xlb)[0];
+    bench_e2e::program(&mut cluster, mode, &services)?;
+    let target = bench_e2e::targets(&cluster, mode)[0];
     let client = cluster.pod("client");
 
     // The idle flows, answered once.
@@ -91,6 +99,8 @@ fn main() -> Result<()> {
         Ok((BufReader::new(stream), udp))
     })?;
     let tcp_before = ask_tcp(&mut tcp)?;
+    // Twice: the client speaks again after a reply, a stream (120 s).
+    ask_udp(&udp)?;
     let udp_before = ask_udp(&udp)?;
     let idle_since = Instant::now();
     println!(
@@ -132,22 +142,29 @@ fn main() -> Result<()> {
             }
             last
         });
-        let connections = client.run(|| bench_e2e::connections(&[target], 4, load));
+        let connections =
+            client.run(|| bench_e2e::connections_counting_failures(&[target], 4, load));
         stop.store(true, Ordering::Relaxed);
         burst.join().expect("burst");
         let last = sampler.join().expect("sampler");
         Ok((connections, last))
     })?;
     let elapsed = started.elapsed().as_secs_f64();
-    let (rate, _, _) = connections?;
-    let (_, text) = cluster.http_get(0, metrics_addr, "/metrics")?;
+    let (rate, failures) = connections?;
+    // No agent (and no metrics) in direct mode.
+    let text = cluster
+        .http_get(0, metrics_addr, "/metrics")
+        .map(|(_, text)| text)
+        .unwrap_or_default();
     let idle_seconds = idle_since.elapsed().as_secs();
     let tcp_after = ask_tcp(&mut tcp);
     let udp_after = ask_udp(&udp);
     let report = Report {
+        mode: mode.name(),
         load_seconds: load.as_secs(),
         idle_seconds,
         new_connections_per_s: rate,
+        failed_connections: failures,
         one_shot_udp_per_s: one_shots.load(Ordering::Relaxed) as f64 / elapsed,
         conntrack_peak_entries: peak.load(Ordering::Relaxed),
         conntrack_capacity: metric(&text, "xlb_conntrack_capacity"),
