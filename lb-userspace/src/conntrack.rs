@@ -24,6 +24,7 @@ use crate::Error;
 /// Entries read per syscall.
 const BATCH: usize = 4096;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -177,15 +178,24 @@ impl ConntrackTable {
     }
 
     /// Deletes the entries of `keys` that are still expired at `now_ns`,
-    /// one at a time with `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which removes
-    /// atomically and returns what it removed: an entry the datapath reused
-    /// for a new flow since the walk read it (a client port reused) is put
-    /// back at once, so a live flow is never deleted for good — only for
-    /// the microseconds before it is restored, which its next packet (a
-    /// round trip away) does not see. Returns how many stayed deleted.
+    /// one at a time: read again, then removed with
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which is atomic and returns what it
+    /// removed, so an entry the datapath reused for a new flow meanwhile (a
+    /// client port reused) is put back at once. A live flow is never deleted
+    /// for good. Returns how many stayed deleted.
     fn delete_expired(&self, keys: &[CtKey], now_ns: u64) -> Result<usize, Error> {
         let mut deleted = 0;
         for key in keys {
+            // Read again first: an entry reused since the batch read (up to
+            // tens of milliseconds ago) is skipped; only one reused in the
+            // microseconds between this read and the delete is deleted and
+            // put back, and its flow's next packet is a round trip away.
+            let fresh = self
+                .elem(BPF_MAP_LOOKUP_ELEM, key, None)
+                .is_none_or(|entry| !entry.is_expired(key.proto, now_ns));
+            if fresh {
+                continue;
+            }
             let Some(entry) = self.elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key, None) else {
                 continue; // already gone
             };
