@@ -121,8 +121,8 @@ struct AgentArgs {
     /// leaves them to TC.
     #[arg(long, value_enum, default_value = "auto")]
     xdp_tx: XdpTxSetting,
-    /// Capacity of the conntrack table in entries, two per flow (about 100
-    /// bytes of kernel memory each).
+    /// Capacity of the conntrack table in entries, two per flow (112 bytes
+    /// of kernel memory each).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX,
           value_parser = clap::value_parser!(u32).range(1024..))]
     conntrack_max: u32,
