@@ -51,41 +51,55 @@ fn translate(
     flow: &Flow,
     translation: &Translation,
 ) -> Option<(Reason, u32)> {
-    if !translation.route {
-        // To a local pod: the stack routes it.
-        return Some(match rewrite(pkt, flow, translation) {
-            Ok(()) => (translation.reason, xdp_action::XDP_PASS),
-            Err(_) => (Reason::DropMalformed, xdp_action::XDP_DROP),
-        });
+    // To a local pod the stack routes it (no MACs); otherwise decide
+    // before touching the frame: what cannot go back out of this interface
+    // right now, or not by XDP_TX, is TC's.
+    let macs = if translation.route {
+        Some(next_hop_macs(ctx, flow, translation)?)
+    } else {
+        None
+    };
+    if macs.is_some() {
+        // A TTL that runs out is TC's too (it counts the drop).
+        route::decrement_ttl(pkt).ok()?;
     }
-    // Decide before touching the frame: what cannot go back out of this
-    // interface right now, or not by XDP_TX, is TC's.
+    // One call site: the rewrites are inlined once.
+    let done = rewrite(pkt, flow, translation)
+        .ok()
+        .and_then(|()| match &macs {
+            Some((smac, dmac)) => route::set_macs(pkt, smac, dmac).ok(),
+            None => Some(()),
+        });
+    Some(match (done, macs.is_some()) {
+        (Some(()), true) => (translation.reason, xdp_action::XDP_TX),
+        (Some(()), false) => (translation.reason, xdp_action::XDP_PASS),
+        (None, _) => (Reason::DropMalformed, xdp_action::XDP_DROP),
+    })
+}
+
+/// The MACs to send the translated frame back out of the interface it
+/// came in on, when XDP may (`XDP_TX` allowed there) and the FIB says it
+/// goes back out there, resolved.
+#[inline(always)]
+fn next_hop_macs(
+    ctx: &XdpContext,
+    flow: &Flow,
+    translation: &Translation,
+) -> Option<([u8; 6], [u8; 6])> {
     let ifindex = ctx.ingress_ifindex() as u32;
     let slot = XDP_TX_IFACES.get(ifindex % lb_common::maps::XDP_TX_IFACES_MAX)?;
     if *slot != ifindex {
         return None;
     }
     let after = translation.rewrite.apply_to(flow);
-    let Some(NextHop::Resolved {
-        ifindex: out,
-        smac,
-        dmac,
-    }) = route::lookup(ctx.ctx as *mut _, ifindex, &after)
-    else {
-        return None;
-    };
-    if out != ifindex {
-        return None;
+    match route::lookup(ctx.ctx as *mut _, ifindex, &after)? {
+        NextHop::Resolved {
+            ifindex: out,
+            smac,
+            dmac,
+        } if out == ifindex => Some((smac, dmac)),
+        _ => None,
     }
-    // A TTL that runs out is TC's too (it counts the drop).
-    route::decrement_ttl(pkt).ok()?;
-    let done = rewrite(pkt, flow, translation)
-        .ok()
-        .and_then(|()| route::set_macs(pkt, &smac, &dmac).ok());
-    Some(match done {
-        Some(()) => (translation.reason, xdp_action::XDP_TX),
-        None => (Reason::DropMalformed, xdp_action::XDP_DROP),
-    })
 }
 
 /// The translation written into the frame: a packet of the flow, or an
