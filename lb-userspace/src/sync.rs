@@ -570,6 +570,16 @@ mod failures {
         }
     }
 
+    /// A syncer over empty in-memory maps whose writes fail while `fails`
+    /// says so.
+    fn flaky(fails: fn(&Op) -> bool) -> Syncer<Flaky> {
+        Syncer::new(Flaky {
+            state: State::default(),
+            fails,
+        })
+        .unwrap()
+    }
+
     /// Services `a` (10.96.0.1) over 10.244.1.1 and `b` (10.96.0.2) over
     /// `b_endpoints`.
     fn snapshot(b_endpoints: &[&str]) -> Snapshot {
@@ -612,11 +622,7 @@ mod failures {
     #[test]
     fn a_failed_write_keeps_its_frontend_as_it_was_and_the_others_go_on() {
         let node = Node::default();
-        let mut syncer = Syncer::new(Flaky {
-            state: State::default(),
-            fails: |_| false,
-        })
-        .unwrap();
+        let mut syncer = flaky(|_| false);
         syncer.sync(&snapshot(&["10.244.2.1"]), &node);
         // The backends map is full: b's new endpoint cannot be written.
         syncer.dataplane.fails = |op| is_backend(op, [10, 244, 2, 2]);
@@ -650,11 +656,7 @@ mod failures {
     #[test]
     fn a_failed_unit_keeps_its_old_slots_and_backends() {
         let node = Node::default();
-        let mut syncer = Syncer::new(Flaky {
-            state: State::default(),
-            fails: |_| false,
-        })
-        .unwrap();
+        let mut syncer = flaky(|_| false);
         syncer.sync(
             &snapshot(&["10.244.2.1", "10.244.2.2", "10.244.2.3"]),
             &node,
@@ -682,11 +684,7 @@ mod failures {
     #[test]
     fn a_backend_two_frontends_share_is_never_slotted_when_its_write_failed() {
         let node = Node::default();
-        let mut syncer = Syncer::new(Flaky {
-            state: State::default(),
-            fails: |op| is_backend(op, [10, 244, 1, 1]),
-        })
-        .unwrap();
+        let mut syncer = flaky(|op| is_backend(op, [10, 244, 1, 1]));
         // a and b both over 10.244.1.1: its one write fails in a's unit,
         // and b's unit must not slot it either.
         let report = syncer.sync(&snapshot(&["10.244.1.1"]), &node);
@@ -699,11 +697,7 @@ mod failures {
     #[test]
     fn backoff_doubles_up_to_a_second() {
         let node = Node::default();
-        let mut syncer = Syncer::new(Flaky {
-            state: State::default(),
-            fails: |op| matches!(op, Op::PutFrontend(..)),
-        })
-        .unwrap();
+        let mut syncer = flaky(|op| matches!(op, Op::PutFrontend(..)));
         let mut waits = Vec::new();
         for _ in 0..6 {
             syncer.sync(&snapshot(&["10.244.2.1"]), &node);
@@ -715,11 +709,7 @@ mod failures {
     #[test]
     fn a_draining_backend_stays_while_conntrack_names_it() {
         let node = Node::default();
-        let mut syncer = Syncer::new(Flaky {
-            state: State::default(),
-            fails: |_| false,
-        })
-        .unwrap();
+        let mut syncer = flaky(|_| false);
         syncer.sync(&snapshot(&["10.244.2.1"]), &node);
         syncer.sync(&snapshot(&["10.244.2.2"]), &node);
         let state = &syncer.dataplane().state;
