@@ -39,7 +39,7 @@ pub enum Error {
         addr: std::net::SocketAddr,
         message: String,
     },
-    #[error("backend {0} is not in the maps (its write failed)")]
+    #[error("backend {0} is not in service in the maps (its write failed)")]
     MissingBackend(u32),
     #[error("walking conntrack: {0}")]
     ConntrackWalk(#[source] std::io::Error),
