@@ -21,6 +21,17 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "no xlb datapath is pinned under {}: give the agent's --bpffs (default /sys/fs/bpf/xlb)",
+        .0.display()
+    )]
+    NoPins(PathBuf),
+    #[error(
+        "the maps pinned under {dir} are another xlb version's (map {map}): `xlb cleanup --bpffs {dir}` removes them (dropping every flow), then restart the agent",
+        dir = .0.display(),
+        map = .1
+    )]
+    PinsOfAnotherVersion(PathBuf, &'static str),
     #[error("the eBPF object has no program named {0}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map named {0}")]

@@ -171,11 +171,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cleanup { bpffs } => {
             let links = cleanup::cleanup(&bpffs)
                 .with_context(|| format!("cleaning up {}", bpffs.display()))?;
-            println!(
-                "detached {links} program link(s), removed {}",
+            write_out(&format!(
+                "detached {links} program link(s), removed {}\n",
                 bpffs.display()
-            );
-            Ok(())
+            ))
         }
     }
 }
@@ -188,10 +187,19 @@ fn print(
         Output::Table => Format::Table,
         Output::Json => Format::Json,
     };
-    let text = command(&args.bpffs, format)
-        .with_context(|| format!("reading the maps pinned under {}", args.bpffs.display()))?;
-    print!("{text}");
-    Ok(())
+    let text = command(&args.bpffs, format)?;
+    write_out(&text)
+}
+
+/// Writes `text` to stdout. A reader that went away (`xlb conntrack | head`)
+/// ends the command quietly, as `ls | head` does.
+fn write_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn run_agent(args: AgentArgs) -> Result<()> {

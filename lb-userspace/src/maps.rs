@@ -31,12 +31,20 @@ impl Maps {
         Self::build(|name| ebpf.take_map(name).ok_or(Error::MissingMap(name)))
     }
 
-    /// Opens the maps pinned under `dir`.
+    /// Opens the maps pinned under `dir`: a clear error when no datapath
+    /// is pinned there, or one of another xlb version.
     pub fn open_pinned(dir: &Path) -> Result<Self, Error> {
+        if !dir.join(maps::FRONTENDS).exists() {
+            return Err(Error::NoPins(dir.to_owned()));
+        }
         Self::build(|name| {
-            let data =
-                MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })?;
+            let data = MapData::from_pin(dir.join(name))
+                .map_err(|_| Error::PinsOfAnotherVersion(dir.to_owned(), name))?;
             Map::from_map_data(data).map_err(|source| Error::Map { name, source })
+        })
+        .map_err(|err| match err {
+            Error::Map { name, .. } => Error::PinsOfAnotherVersion(dir.to_owned(), name),
+            other => other,
         })
     }
 
