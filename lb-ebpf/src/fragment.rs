@@ -21,6 +21,13 @@ pub fn follow(flow: &mut Flow) -> Result<(), Reason> {
     if flow.fragment == Fragment::Whole {
         return Ok(());
     }
+    follow_fragment(flow)
+}
+
+/// [`follow`] for a fragment: rare, so a function of its own (a BPF-to-BPF
+/// call), which keeps the hot paths' code short.
+#[inline(never)]
+fn follow_fragment(flow: &mut Flow) -> Result<(), Reason> {
     let key = FragmentKey {
         saddr: flow.saddr,
         daddr: flow.daddr,

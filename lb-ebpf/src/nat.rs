@@ -10,7 +10,7 @@ use crate::{
     csum,
     packet::{
         Flow, Fragment, ICMP_CSUM, ICMP_ERROR_LEN, INNER_IP, INNER_L4, IP_CSUM_OFF, IP_DADDR_OFF,
-        IP_SADDR_OFF, Packet, TCP_CSUM_OFF,
+        IP_SADDR_OFF, Packet, TCP_CSUM_OFF, Tuple,
     },
 };
 
@@ -83,10 +83,16 @@ impl Rewrite {
         ]
     }
 
-    /// The flow's addressing after this rewrite.
+    /// The flow's addressing after this rewrite (what the FIB looks up).
     #[inline(always)]
-    pub fn apply_to(&self, flow: &Flow) -> Flow {
-        let mut out = *flow;
+    pub fn apply_to(&self, flow: &Flow) -> Tuple {
+        let mut out = Tuple {
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+            sport: flow.sport,
+            dport: flow.dport,
+            proto: flow.proto,
+        };
         if let Some((addr, port)) = self.source.get() {
             out.saddr = addr;
             out.sport = port;

@@ -93,6 +93,16 @@ pub enum Fragment {
     Later,
 }
 
+/// A packet's addressing alone (wire order): what a FIB lookup needs.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
 /// A TCP or UDP packet's addressing, as the parser found it.
 #[derive(Clone, Copy)]
 pub struct Flow {

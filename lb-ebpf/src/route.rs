@@ -20,7 +20,7 @@ use lb_common::Reason;
 
 use crate::{
     csum,
-    packet::{Flow, IP_CSUM_OFF, IP_TTL_OFF, Packet},
+    packet::{IP_CSUM_OFF, IP_TTL_OFF, Packet, Tuple},
 };
 
 const AF_INET: u8 = 2;
@@ -38,11 +38,11 @@ pub enum NextHop {
     Unresolved { ifindex: u32, gateway: u32 },
 }
 
-/// The FIB's answer for `flow` (its addressing after translation) arriving
+/// The FIB's answer for `flow` (a packet's addressing after translation) arriving
 /// on `ifindex`; `None` when the FIB would not forward it (no route, local
 /// destination, forwarding off): the caller leaves it to the stack.
 #[inline(always)]
-pub fn lookup(ctx: *mut c_void, ifindex: u32, flow: &Flow) -> Option<NextHop> {
+pub fn lookup(ctx: *mut c_void, ifindex: u32, flow: &Tuple) -> Option<NextHop> {
     // SAFETY: a plain C struct; all-zero is its "unset" state.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -109,7 +109,7 @@ pub fn set_macs(pkt: &Packet, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), Reas
 /// Forwards a translated TC packet whose addressing is now `flow`: the TC
 /// action to return, or `None` to leave it to the stack.
 #[inline(always)]
-pub fn redirect_tc(ctx: &TcContext, flow: &Flow) -> Result<Option<i32>, Reason> {
+pub fn redirect_tc(ctx: &TcContext, flow: &Tuple) -> Result<Option<i32>, Reason> {
     // SAFETY: reading our own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(next) = lookup(ctx.skb.skb as *mut c_void, ifindex, flow) else {
