@@ -5,6 +5,7 @@
 //! pinned, so a restart or upgrade drops no flow.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -24,45 +25,30 @@ use crate::{
     datapath::Settings,
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
-    model::Node,
+    model::{Model, Node},
     netif,
     problem::Problem,
-    source::{Snapshot, file, kube::KubeSource},
-    sync::Syncer,
+    source::{Change, file::FileSource, kube::KubeSource},
+    sync::{Scope, Syncer},
 };
 
 /// A started source.
 enum Source {
-    File(PathBuf),
+    File(FileSource),
     Kube(KubeSource),
-}
-
-/// What identifies a source's current contents: when it changes, the agent
-/// syncs.
-#[derive(PartialEq)]
-enum Version {
-    File(file::Fingerprint),
-    Kube(u64),
 }
 
 impl Source {
     fn start(config: &SourceConfig, node: &str) -> Result<Self, Error> {
         Ok(match config {
-            SourceConfig::File(path) => Source::File(path.clone()),
+            SourceConfig::File(path) => Source::File(FileSource::new(path.clone())),
             SourceConfig::Kube { kubeconfig } => {
                 Source::Kube(crate::source::kube::start(kubeconfig.as_deref(), node)?)
             }
         })
     }
 
-    fn version(&self) -> Version {
-        match self {
-            Source::File(path) => Version::File(file::fingerprint(path)),
-            Source::Kube(kube) => Version::Kube(kube.shared.generation()),
-        }
-    }
-
-    /// Whether a snapshot would be complete (the API source listed every
+    /// Whether the model holds everything (the API source listed every
     /// resource once); before that the agent leaves the maps alone.
     fn ready(&self) -> bool {
         match self {
@@ -71,10 +57,11 @@ impl Source {
         }
     }
 
-    fn read(&self) -> Snapshot {
+    /// What changed since the last call.
+    fn poll(&mut self) -> Vec<Change> {
         match self {
-            Source::File(path) => file::read(path),
-            Source::Kube(kube) => kube.shared.snapshot(),
+            Source::File(files) => files.scan(),
+            Source::Kube(kube) => kube.shared.take_changes(),
         }
     }
 
@@ -87,7 +74,7 @@ impl Source {
 
     fn describe(&self) -> String {
         match self {
-            Source::File(path) => format!("file {}", path.display()),
+            Source::File(files) => format!("file {}", files.path().display()),
             Source::Kube(_) => "kube".into(),
         }
     }
@@ -98,8 +85,14 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often the agent walks conntrack (expired entries out, drained
 /// backends deleted).
 const CONNTRACK_WALK: Duration = Duration::from_secs(1);
-/// How often the maps are re-read and everything re-synced regardless.
-const RESYNC: Duration = Duration::from_secs(60);
+/// How often the maps are re-read and everything compared with the model
+/// (the full recompute; what it finds is drift), give or take
+/// [`FULL_CHECK_JITTER`] so that a cluster's agents do not all do it at
+/// once.
+const FULL_CHECK: Duration = Duration::from_secs(300);
+const FULL_CHECK_JITTER: Duration = Duration::from_secs(30);
+/// How often interfaces whose attachment failed are tried again.
+const RETRY_INTERFACES: Duration = Duration::from_secs(60);
 
 /// Where the agent reads Services and EndpointSlices.
 pub enum SourceConfig {
@@ -164,7 +157,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     let mut maps = datapath.take_maps()?;
     attach::set_xdp_tx_interfaces(&mut maps.xdp_tx_ifaces, &xdp_tx_interfaces)?;
-    let mut syncer = Syncer::new(maps)?;
+    let mut syncer = Syncer::new(maps, config.node.clone())?;
     let conntrack = ConntrackTable::open(&config.bpffs)?;
     if conntrack.capacity() != config.conntrack_max {
         warn!(
@@ -177,7 +170,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let mut evictions = Evictions::default();
     let mut last_walk: Option<Instant> = None;
     let mut walked = false;
-    let source = Source::start(&config.source, &config.node.name)?;
+    let mut source = Source::start(&config.source, &config.node.name)?;
     let metrics = Arc::new(Metrics::new(config.bpffs.clone()));
     let bound = metrics::serve(config.metrics_addr, Endpoints::Metrics, metrics.clone())?;
     info!(addr = %bound, "serving /metrics");
@@ -191,8 +184,12 @@ pub fn run(config: Config) -> Result<(), Error> {
         bpffs = %config.bpffs.display(),
         "agent started"
     );
-    let mut last_version = None;
-    let mut last_resync = Instant::now();
+    // Node objects by name: one of this node's name completes its identity.
+    let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
+    let mut synced_once = false;
+    let mut pending = false;
+    let mut next_check = Instant::now() + jittered(FULL_CHECK);
+    let mut last_interface_retry = Instant::now();
     loop {
         for attached in interfaces.scan(&mut datapath) {
             match attached.result {
@@ -200,60 +197,119 @@ pub fn run(config: Config) -> Result<(), Error> {
                 Err(err) => warn!(interface = %attached.interface, "{err}"),
             }
         }
+        if last_interface_retry.elapsed() >= RETRY_INTERFACES {
+            interfaces.retry_failed();
+            last_interface_retry = Instant::now();
+        }
         if last_walk.is_none_or(|at| at.elapsed() >= CONNTRACK_WALK) {
             let started = Instant::now();
             walked |= walk_conntrack(&conntrack, &mut syncer, &mut evictions, &metrics);
             last_walk = Some(started);
         }
-        let version = source.version();
-        let resync_due = last_resync.elapsed() >= RESYNC;
+        let read_started = Instant::now();
+        let changes = source.poll();
+        let read_micros = read_started.elapsed().as_micros() as u64;
+        let changed = changes.len();
+        pending |= changed > 0;
+        apply_changes(syncer.model(), changes, &mut nodes, &config.node);
+        let check_due = Instant::now() >= next_check;
         let retry_due = syncer.retry_due(Instant::now());
-        if resync_due {
+        // Not before a walk told which backend ids flows still name.
+        if !(walked && source.ready() && (pending || check_due || retry_due || !synced_once)) {
+            metrics.loop_ran();
+            std::thread::sleep(TICK);
+            continue;
+        }
+        let scope = if check_due {
+            // Writes made behind our back show up against a fresh read.
             if let Err(err) = syncer.reread() {
                 error!("re-reading the maps: {err}");
             }
-            interfaces.retry_failed();
-            last_resync = Instant::now();
+            next_check = Instant::now() + jittered(FULL_CHECK);
+            Scope::Check
+        } else if retry_due {
+            Scope::Retry
+        } else {
+            Scope::Changed
+        };
+        let report = syncer.sync(scope);
+        pending = false;
+        synced_once = true;
+        health_checks.sync(&report.health_checks, &syncer.model().node().ips);
+        for problem in &report.new_problems {
+            warn!(object = %problem.object, reason = problem.reason.label(), "skipped: {}", problem.reason);
+            metrics.count_invalid(&problem.reason);
+            source.report(problem);
         }
-        // Not before a walk told which backend ids flows still name.
-        if walked
-            && source.ready()
-            && (last_version.as_ref() != Some(&version) || resync_due || retry_due)
-        {
-            let read_started = Instant::now();
-            let snapshot = source.read();
-            let read_micros = read_started.elapsed().as_micros() as u64;
-            let node = node_for(&config.node, &snapshot);
-            let report = syncer.sync(&snapshot, &node);
-            health_checks.sync(&report.health_checks, &node.ips);
-            for problem in &report.new_problems {
-                warn!(object = %problem.object, reason = problem.reason.label(), "skipped: {}", problem.reason);
-                metrics.count_invalid(&problem.reason);
-                source.report(problem);
-            }
-            metrics.observe_sync(report.duration, report.frontends, report.backends);
-            metrics.count_sync_failures(report.failed_writes, retry_due);
-            if report.failed_writes > 0 {
-                warn!(
-                    failed_writes = report.failed_writes,
-                    "some writes failed: their frontends keep their previous state; retrying"
-                );
-            }
-            info!(
-                writes = report.writes,
-                frontends = report.frontends,
-                backends = report.backends,
-                micros = report.duration.as_micros() as u64,
-                model_micros = report.model_duration.as_micros() as u64,
-                diff_micros = report.diff_duration.as_micros() as u64,
-                read_micros,
-                "synced"
+        metrics.observe_sync(report.duration, report.frontends, report.backends);
+        metrics.count_sync_failures(report.failed_writes, retry_due);
+        if report.failed_writes > 0 {
+            warn!(
+                failed_writes = report.failed_writes,
+                "some writes failed: their frontends keep their previous state; retrying"
             );
-            last_version = Some(version);
-            metrics.set_ready();
         }
+        if report.drift > 0 {
+            warn!(
+                writes = report.drift,
+                "the maps had drifted from the agent's record (written behind its back?); fixed"
+            );
+            metrics.count_drift(report.drift);
+        }
+        info!(
+            ?scope,
+            changes = changed,
+            writes = report.writes,
+            frontends = report.frontends,
+            backends = report.backends,
+            micros = report.duration.as_micros() as u64,
+            model_micros = report.model_duration.as_micros() as u64,
+            diff_micros = report.diff_duration.as_micros() as u64,
+            read_micros,
+            "synced"
+        );
+        metrics.set_ready();
         metrics.loop_ran();
         std::thread::sleep(TICK);
+    }
+}
+
+/// `period`, give or take [`FULL_CHECK_JITTER`].
+fn jittered(period: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let jitter = FULL_CHECK_JITTER.as_millis() as u64;
+    let offset = u64::from(nanos) % (2 * jitter + 1);
+    (period + Duration::from_millis(offset)).saturating_sub(FULL_CHECK_JITTER)
+}
+
+/// Hands a source's changes to the model; Node objects complete this
+/// node's identity.
+fn apply_changes(
+    model: &mut Model,
+    changes: Vec<Change>,
+    nodes: &mut BTreeMap<String, Node>,
+    flags: &Node,
+) {
+    let mut node_changed = false;
+    for change in changes {
+        match change {
+            Change::Service(name, object) => model.put_service(name, object),
+            Change::Slice(name, object) => model.put_slice(name, object),
+            Change::Problems(origin, problems) => model.set_source_problems(&origin, problems),
+            Change::Node(name, node) => {
+                node_changed |= name == flags.name;
+                match node {
+                    Some(node) => nodes.insert(name, node),
+                    None => nodes.remove(&name),
+                };
+            }
+        }
+    }
+    if node_changed {
+        model.set_node(node_for(flags, nodes.get(&flags.name)));
     }
 }
 
@@ -297,14 +353,9 @@ fn walk_conntrack(
     true
 }
 
-/// `flags`, completed from the Node object of the same name in `snapshot`.
-fn node_for(flags: &Node, snapshot: &Snapshot) -> Node {
-    let object = snapshot
-        .nodes
-        .iter()
-        .map(Node::from_k8s)
-        .find(|node| node.name == flags.name)
-        .unwrap_or_default();
+/// `flags`, completed from the Node object of the same name.
+fn node_for(flags: &Node, object: Option<&Node>) -> Node {
+    let object = object.cloned().unwrap_or_default();
     Node {
         name: flags.name.clone(),
         zone: flags.zone.clone().or(object.zone),

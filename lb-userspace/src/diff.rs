@@ -8,19 +8,20 @@
 //! into its hole; when one comes, it takes the next slot. One endpoint
 //! change is a handful of writes whatever the cluster size.
 
-use std::collections::{BTreeSet, HashMap};
-
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use lb_common::{
     Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, SourceRangeKey, backend_flags,
-    frontend_flags, ipv4_raw, port_raw, scope,
+    frontend_flags, ipv4_octets, ipv4_raw, port_raw, scope,
 };
 
 use crate::{
-    model::{Desired, Endpoint, FrontendAddr, Protocol, Scope},
+    model::{Changes, Desired, DesiredFrontend, Endpoint, FrontendAddr, Model, Protocol, Scope},
     problem::{Invalid, Problem},
-    state::{Op, SourceRange, State},
+    state::{Mirror, Op, SourceRange, identity},
 };
 
 /// The map key of a frontend address.
@@ -62,6 +63,7 @@ fn source_range(frontend_id: u32, (ip, len): (Ipv4Addr, u8)) -> SourceRange {
 /// rest of the unit (the frontend entry last) is not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrontendWrites {
+    pub addr: FrontendAddr,
     /// `namespace/name:port` of its Service port, for reports.
     pub service_port: String,
     /// Its id: the cleanup of a frontend whose unit failed is held back.
@@ -94,46 +96,216 @@ impl Plan {
     }
 }
 
-/// The writes that turn `current` into `desired`, and the frontends that
-/// could not be programmed (a frontend over a limit keeps what it has).
-pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
-    let mut problems = Vec::new();
-    let mut ids = Ids::new(current);
-    let mut plan = Plan::default();
-    let mut wanted_ranges = BTreeSet::new();
-    let mut used_backends = BTreeSet::new();
-    let mut wanted_frontends = BTreeSet::new();
-    let mut slot_counts = HashMap::new();
+/// The writes that bring what `changes` names from `model` into
+/// `current`: O(changed). Frontends that could not be programmed come back
+/// with their problem (a frontend over a limit keeps what it has).
+pub fn plan(
+    model: &impl Wanted,
+    changes: &Changes,
+    current: &Mirror,
+) -> (Plan, Vec<CapacityProblem>) {
+    let mut planner = Planner::new(current);
+    for addr in &changes.frontends {
+        planner.frontend(addr, model.frontend(addr));
+    }
+    for ip in &changes.service_addrs {
+        planner.service_addr(*ip, model.is_service_addr(ip));
+    }
+    planner.finish()
+}
 
-    for (addr, frontend) in &desired.frontends {
+/// The writes that turn `current` into everything `model` holds: every
+/// frontend of either, every service address, and whatever no frontend owns
+/// (what a crash between two writes, or a write behind the agent's back,
+/// may have left). The periodic full recompute; a difference it finds is
+/// drift.
+pub fn full_plan(model: &impl Wanted, current: &Mirror) -> (Plan, Vec<CapacityProblem>) {
+    let mut planner = Planner::new(current);
+    let mut wanted = BTreeSet::new();
+    for (addr, frontend) in model.each_frontend() {
+        wanted.insert(frontend_key(addr));
+        planner.frontend(addr, Some(frontend));
+    }
+    let state = current.state();
+    for (key, old) in &state.frontends {
+        if !wanted.contains(key) {
+            planner.remove(*key, old);
+        }
+    }
+    // Slots and source ranges of no frontend.
+    let ids: BTreeSet<u32> = state.frontends.values().map(|f| f.id).collect();
+    planner.cleanup.slots.extend(
+        state
+            .slots
+            .keys()
+            .filter(|key| !ids.contains(&key.frontend_id))
+            .map(|key| Op::DeleteSlot(*key)),
+    );
+    planner.cleanup.source_ranges.extend(
+        state
+            .source_ranges
+            .iter()
+            .filter(|(key, _)| !ids.contains(&key.frontend_id))
+            .map(|range| Op::DeleteSourceRange(*range)),
+    );
+    let wanted_addrs = model.service_addrs();
+    let have: BTreeSet<Ipv4Addr> = state
+        .service_addrs
+        .iter()
+        .map(|raw| Ipv4Addr::from(ipv4_octets(*raw)))
+        .collect();
+    for ip in wanted_addrs.union(&have) {
+        planner.service_addr(*ip, wanted_addrs.contains(ip));
+    }
+    planner.finish()
+}
+
+/// What the diff programs: the model as it is kept ([`Model`]), or as one
+/// value ([`Desired`]).
+pub trait Wanted {
+    /// The frontend to program at `addr`.
+    fn frontend(&self, addr: &FrontendAddr) -> Option<&DesiredFrontend>;
+    fn each_frontend(&self) -> Box<dyn Iterator<Item = (&FrontendAddr, &DesiredFrontend)> + '_>;
+    /// Whether `ip` is an address only Services use.
+    fn is_service_addr(&self, ip: &Ipv4Addr) -> bool;
+    fn service_addrs(&self) -> BTreeSet<Ipv4Addr>;
+}
+
+impl Wanted for Model {
+    fn frontend(&self, addr: &FrontendAddr) -> Option<&DesiredFrontend> {
+        Model::frontend(self, addr)
+    }
+    fn each_frontend(&self) -> Box<dyn Iterator<Item = (&FrontendAddr, &DesiredFrontend)> + '_> {
+        Box::new(self.frontends())
+    }
+    fn is_service_addr(&self, ip: &Ipv4Addr) -> bool {
+        Model::is_service_addr(self, ip)
+    }
+    fn service_addrs(&self) -> BTreeSet<Ipv4Addr> {
+        Model::service_addrs(self)
+    }
+}
+
+impl Wanted for Desired {
+    fn frontend(&self, addr: &FrontendAddr) -> Option<&DesiredFrontend> {
+        self.frontends.get(addr)
+    }
+    fn each_frontend(&self) -> Box<dyn Iterator<Item = (&FrontendAddr, &DesiredFrontend)> + '_> {
+        Box::new(self.frontends.iter())
+    }
+    fn is_service_addr(&self, ip: &Ipv4Addr) -> bool {
+        self.service_addrs.contains(ip)
+    }
+    fn service_addrs(&self) -> BTreeSet<Ipv4Addr> {
+        self.service_addrs.clone()
+    }
+}
+
+/// A frontend that could not be programmed, and why.
+pub type CapacityProblem = (FrontendAddr, Problem);
+
+/// Deletions, in the order they are applied: frontend entries first, then
+/// what they pointed at.
+#[derive(Default)]
+struct Cleanup {
+    frontends: Vec<Op>,
+    source_ranges: Vec<Op>,
+    slots: Vec<Op>,
+    service_addrs: Vec<Op>,
+}
+
+/// Builds one plan, frontend by frontend.
+struct Planner<'a> {
+    current: &'a Mirror,
+    ids: Ids<'a>,
+    plan: Plan,
+    cleanup: Cleanup,
+    problems: Vec<CapacityProblem>,
+    /// Backends this plan writes (each once).
+    written: HashSet<u32>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(current: &'a Mirror) -> Self {
+        Self {
+            current,
+            ids: Ids::new(current),
+            plan: Plan::default(),
+            cleanup: Cleanup::default(),
+            problems: Vec::new(),
+            written: HashSet::new(),
+        }
+    }
+
+    fn finish(mut self) -> (Plan, Vec<CapacityProblem>) {
+        let cleanup = self.cleanup;
+        self.plan.cleanup = [
+            cleanup.frontends,
+            cleanup.source_ranges,
+            cleanup.slots,
+            cleanup.service_addrs,
+        ]
+        .concat();
+        (self.plan, self.problems)
+    }
+
+    /// Address `ip` is (`wanted`) or is not one only Services use.
+    fn service_addr(&mut self, ip: Ipv4Addr, wanted: bool) {
+        let raw = ipv4_raw(ip.octets());
+        match (wanted, self.current.state().service_addrs.contains(&raw)) {
+            (true, false) => self.plan.service_addrs.push(Op::PutServiceAddr(raw)),
+            (false, true) => self.cleanup.service_addrs.push(Op::DeleteServiceAddr(raw)),
+            _ => {}
+        }
+    }
+
+    /// Frontend `addr` becomes `desired`, or goes.
+    fn frontend(&mut self, addr: &FrontendAddr, desired: Option<&DesiredFrontend>) {
         let key = frontend_key(addr);
-        let old = current.frontends.get(&key);
+        let old = self.current.state().frontends.get(&key);
+        match (desired, old) {
+            (Some(frontend), _) => self.program(addr, key, old, frontend),
+            (None, Some(old)) => self.remove(key, old),
+            (None, None) => {}
+        }
+    }
+
+    /// A frontend that goes: its entry, then its source ranges and slots.
+    fn remove(&mut self, key: FrontendKey, old: &Frontend) {
+        self.cleanup.frontends.push(Op::DeleteFrontend(key));
+        self.cleanup.source_ranges.extend(
+            self.current
+                .source_ranges_of(old.id)
+                .map(|range| Op::DeleteSourceRange(*range)),
+        );
+        self.cleanup.slots.extend(
+            self.current
+                .slots_of_id(old.id)
+                .map(|(key, _)| Op::DeleteSlot(*key)),
+        );
+    }
+
+    /// The unit of writes that programs `frontend` at `addr`, and the
+    /// deletions of what it no longer uses.
+    fn program(
+        &mut self,
+        addr: &FrontendAddr,
+        key: FrontendKey,
+        old: Option<&Frontend>,
+        frontend: &DesiredFrontend,
+    ) {
         if frontend.tiers.len() > MAX_TIERS
             || frontend
                 .tiers
                 .iter()
                 .any(|t| t.len() > usize::from(u16::MAX))
         {
-            let what = format!("{addr} has more backends than a frontend holds");
-            problems.push(Problem::new(
-                &frontend.service_port,
-                Invalid::Capacity(what),
-            ));
             // What it serves now stays, whole.
-            if let Some(old) = old {
-                wanted_frontends.insert(key);
-                slot_counts.insert(old.id, old.slot_count());
-                used_backends.extend(current.slots_of(old));
-                wanted_ranges.extend(
-                    current
-                        .source_ranges
-                        .iter()
-                        .filter(|(range, _)| range.frontend_id == old.id),
-                );
-            }
-            continue;
+            let what = format!("{addr} has more backends than a frontend holds");
+            let problem = Problem::new(&frontend.service_port, Invalid::Capacity(what));
+            self.problems.push((*addr, problem));
+            return;
         }
-        wanted_frontends.insert(key);
         let mut writes = Vec::new();
         // Backend ids, tier by tier.
         let tiers: Vec<Vec<u32>> = frontend
@@ -142,21 +314,21 @@ pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
             .map(|tier| {
                 tier.iter()
                     .map(|endpoint| {
-                        let local = desired.local_endpoints.contains(&endpoint.ip);
+                        let local = frontend.local.contains(&endpoint.ip);
                         let value = backend_value(endpoint, addr.protocol, local);
-                        let (id, held) = ids.backend(value);
+                        let (id, held) = self.ids.backend(value);
                         // New, or draining and back in service.
-                        if held != Some(value) && used_backends.insert(id) {
+                        if held != Some(value) && self.written.insert(id) {
                             writes.push(Op::PutBackend(id, value));
                         }
-                        used_backends.insert(id);
                         id
                     })
                     .collect()
             })
             .collect();
-        let id = old.map_or_else(|| ids.frontend(), |f| f.id);
-        let old_slots = old.map(|f| current.slots_of(f)).unwrap_or_default();
+        let id = old.map_or_else(|| self.ids.frontend(), |f| f.id);
+        let state = self.current.state();
+        let old_slots = old.map(|f| state.slots_of(f)).unwrap_or_default();
         let (slots, tier_len) = layout(&old_slots, &tiers);
         for (slot, backend_id) in slots.iter().enumerate() {
             if old_slots.get(slot) != Some(backend_id) {
@@ -174,90 +346,69 @@ pub fn diff(desired: &Desired, current: &State) -> (Plan, Vec<Problem>) {
         if !frontend.source_ranges.is_empty() {
             flags |= frontend_flags::SOURCE_RANGES;
         }
-        for range in &frontend.source_ranges {
-            let range = source_range(id, *range);
-            if wanted_ranges.insert(range) && !current.source_ranges.contains(&range) {
-                writes.push(Op::PutSourceRange(range));
-            }
-        }
+        let wanted_ranges: BTreeSet<SourceRange> = frontend
+            .source_ranges
+            .iter()
+            .map(|range| source_range(id, *range))
+            .collect();
+        writes.extend(
+            wanted_ranges
+                .iter()
+                .filter(|range| !state.source_ranges.contains(*range))
+                .map(|range| Op::PutSourceRange(*range)),
+        );
         let value = Frontend {
             id,
             tier_len,
             flags,
             affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
         };
-        slot_counts.insert(id, value.slot_count());
         if old != Some(&value) {
             writes.push(Op::PutFrontend(key, value));
         }
         if !writes.is_empty() {
-            plan.frontends.push(FrontendWrites {
+            self.plan.frontends.push(FrontendWrites {
+                addr: *addr,
                 service_port: frontend.service_port.clone(),
                 frontend_id: id,
                 writes,
             });
         }
+        // What it no longer uses: source ranges, slots beyond its count.
+        if old.is_some() {
+            self.cleanup.source_ranges.extend(
+                self.current
+                    .source_ranges_of(id)
+                    .filter(|range| !wanted_ranges.contains(*range))
+                    .map(|range| Op::DeleteSourceRange(*range)),
+            );
+            let count = value.slot_count();
+            self.cleanup.slots.extend(
+                self.current
+                    .slots_of_id(id)
+                    .filter(|(key, _)| key.slot >= count)
+                    .map(|(key, _)| Op::DeleteSlot(*key)),
+            );
+        }
     }
-
-    // Frontends to delete: the entry first, its slots after.
-    plan.cleanup.extend(
-        current
-            .frontends
-            .keys()
-            .filter(|key| !wanted_frontends.contains(*key))
-            .map(|key| Op::DeleteFrontend(*key)),
-    );
-    plan.cleanup.extend(
-        current
-            .source_ranges
-            .iter()
-            .filter(|range| !wanted_ranges.contains(*range))
-            .map(|range| Op::DeleteSourceRange(*range)),
-    );
-    // Every slot beyond its frontend's new count, or of no frontend (also
-    // what a crash between two writes may have left).
-    plan.cleanup.extend(
-        current
-            .slots
-            .keys()
-            .filter(|key| key.slot >= slot_counts.get(&key.frontend_id).copied().unwrap_or(0))
-            .map(|key| Op::DeleteSlot(*key)),
-    );
-    let wanted_addrs: BTreeSet<u32> = desired
-        .service_addrs
-        .iter()
-        .map(|ip| ipv4_raw(ip.octets()))
-        .collect();
-    plan.service_addrs.extend(
-        wanted_addrs
-            .difference(&current.service_addrs)
-            .map(|addr| Op::PutServiceAddr(*addr)),
-    );
-    plan.cleanup.extend(
-        current
-            .service_addrs
-            .difference(&wanted_addrs)
-            .map(|addr| Op::DeleteServiceAddr(*addr)),
-    );
-    (plan, problems)
 }
 
-/// The writes that flag draining the backends no slot of `state` holds:
-/// established flows keep them until the conntrack walk finds none naming
-/// them (see `sync`). Computed from what the maps hold, so a frontend whose
-/// writes failed keeps its backends in service.
-pub fn drains(state: &State) -> Vec<Op> {
-    let slotted: BTreeSet<u32> = state.slots.values().copied().collect();
-    state
-        .backends
+/// The writes that flag draining the backends no slot holds: established
+/// flows keep them until the conntrack walk finds none naming them (see
+/// `sync`). Computed from what the maps hold, so a frontend whose writes
+/// failed keeps its backends in service.
+pub fn drains(mirror: &Mirror) -> Vec<Op> {
+    let backends = &mirror.state().backends;
+    mirror
+        .unslotted()
         .iter()
-        .filter(|(id, b)| !slotted.contains(id) && b.flags & backend_flags::DRAINING == 0)
+        .filter_map(|id| Some((*id, *backends.get(id)?)))
         .map(|(id, b)| {
             Op::PutBackend(
-                *id,
+                id,
                 Backend {
                     flags: b.flags | backend_flags::DRAINING,
-                    ..*b
+                    ..b
                 },
             )
         })
@@ -291,58 +442,37 @@ fn layout(old: &[u32], tiers: &[Vec<u32>]) -> (Vec<u32>, [u16; MAX_TIERS]) {
 }
 
 /// Hands out ids never used before (by the maps or by conntrack).
-struct Ids {
-    /// Backends by what identifies them (draining or not), with the value
-    /// the maps hold.
-    backends: HashMap<Backend, (u32, Backend)>,
+struct Ids<'a> {
+    current: &'a Mirror,
+    /// Backends new in this plan, by identity.
+    new_backends: HashMap<Backend, (u32, Backend)>,
     next_backend: u32,
     next_frontend: u32,
 }
 
-/// What identifies a backend: its value without the draining flag.
-fn identity(backend: Backend) -> Backend {
-    Backend {
-        flags: backend.flags & !backend_flags::DRAINING,
-        ..backend
-    }
-}
-
-impl Ids {
-    fn new(current: &State) -> Self {
-        let max_backend = current
-            .backends
-            .keys()
-            .copied()
-            .max()
-            .unwrap_or(0)
-            .max(current.max_backend_id_in_use);
-        let max_frontend = current
-            .frontends
-            .values()
-            .map(|f| f.id)
-            .max()
-            .unwrap_or(0)
-            .max(current.max_frontend_id_in_use);
+impl<'a> Ids<'a> {
+    fn new(current: &'a Mirror) -> Self {
+        let state = current.state();
         Self {
-            backends: current
-                .backends
-                .iter()
-                .map(|(id, b)| (identity(*b), (*id, *b)))
-                .collect(),
-            next_backend: max_backend + 1,
-            next_frontend: max_frontend + 1,
+            current,
+            new_backends: HashMap::new(),
+            next_backend: state.max_backend_id_in_use + 1,
+            next_frontend: state.max_frontend_id_in_use + 1,
         }
     }
 
-    /// The id of `backend`, and the value the maps hold under it (`None`:
-    /// a new id).
+    /// The id of `backend`, and the value the maps (or this plan) hold
+    /// under it (`None`: a new id).
     fn backend(&mut self, backend: Backend) -> (u32, Option<Backend>) {
-        if let Some((id, held)) = self.backends.get(&identity(backend)) {
+        if let Some((id, held)) = self.current.backend(backend) {
+            return (id, Some(held));
+        }
+        if let Some((id, held)) = self.new_backends.get(&identity(backend)) {
             return (*id, Some(*held));
         }
         let id = self.next_backend;
         self.next_backend += 1;
-        self.backends.insert(identity(backend), (id, backend));
+        self.new_backends.insert(identity(backend), (id, backend));
         (id, None)
     }
 
@@ -358,18 +488,24 @@ mod tests {
     use std::{collections::BTreeMap, net::Ipv4Addr};
 
     use super::*;
-    use crate::model::DesiredFrontend;
+    use crate::state::State;
 
-    /// The plan's writes in the order they are applied.
-    fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<Problem>) {
-        let (plan, problems) = super::diff(desired, current);
+    /// Everything compared: the plan's writes in the order they are
+    /// applied.
+    fn diff(desired: &Desired, current: &State) -> (Vec<Op>, Vec<CapacityProblem>) {
+        let (plan, problems) = full_plan(desired, &Mirror::new(current.clone()));
         (plan.ops(), problems)
+    }
+
+    /// The backends `state` would start draining.
+    fn drains_of(state: &State) -> Vec<Op> {
+        drains(&Mirror::new(state.clone()))
     }
 
     /// `ops` applied to `state`, then the drains they lead to.
     fn apply(state: &mut State, ops: &[Op]) {
         ops.iter().for_each(|op| state.apply(op));
-        drains(state).iter().for_each(|op| state.apply(op));
+        drains_of(state).iter().for_each(|op| state.apply(op));
     }
 
     fn frontend(i: u32) -> FrontendAddr {
@@ -401,6 +537,7 @@ mod tests {
                     drop_when_empty: false,
                     affinity_timeout: None,
                     source_ranges: Vec::new(),
+                    local: Default::default(),
                 },
             );
         }
@@ -444,7 +581,7 @@ mod tests {
     #[test]
     fn cold_sync_programs_everything_in_make_before_break_order() {
         let desired = cluster(3, 4);
-        let (plan, _) = super::diff(&desired, &State::default());
+        let (plan, _) = full_plan(&desired, &Mirror::default());
         assert_eq!(plan.ops().len(), 3 * 4 + 3 * 4 + 3);
         assert_eq!(plan.frontends.len(), 3, "a unit per frontend");
         for unit in &plan.frontends {
@@ -487,7 +624,7 @@ mod tests {
         let (ops, _) = diff(&desired, &state);
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert_eq!(
-            drains(&{
+            drains_of(&{
                 let mut after = state.clone();
                 ops.iter().for_each(|op| after.apply(op));
                 after
@@ -664,7 +801,8 @@ mod tests {
     #[test]
     fn local_endpoints_get_the_local_flag() {
         let mut desired = cluster(1, 2);
-        desired.local_endpoints.insert(endpoint(0).ip);
+        desired.frontends.get_mut(&frontend(0)).unwrap().local =
+            std::sync::Arc::new([endpoint(0).ip].into());
         let state = synced(&desired);
         let local: Vec<bool> = state
             .backends

@@ -49,6 +49,7 @@ pub struct Metrics {
     backends_draining_deleted: Counter,
     sync_failed_writes: Counter,
     sync_retries: Counter,
+    sync_drift: Counter,
     /// Datapath totals already added to the counters, by reason.
     datapath_seen: Mutex<[(u64, u64); REASON_COUNT]>,
     /// Unix milliseconds of the loop's last pass.
@@ -140,6 +141,12 @@ impl Metrics {
             "Syncs run again after a failed write, with backoff",
             sync_retries.clone(),
         );
+        let sync_drift = Counter::default();
+        registry.register(
+            "sync_drift",
+            "Map writes the periodic full recompute found missing (the maps had drifted from the agent's record); fixed",
+            sync_drift.clone(),
+        );
         Self {
             registry,
             sync_duration,
@@ -150,6 +157,7 @@ impl Metrics {
             backends_draining_deleted,
             sync_failed_writes,
             sync_retries,
+            sync_drift,
             frontends,
             backends,
             invalid_objects,
@@ -190,6 +198,11 @@ impl Metrics {
         if retry {
             self.sync_retries.inc();
         }
+    }
+
+    /// Writes a full recompute found missing.
+    pub fn count_drift(&self, writes: usize) {
+        self.sync_drift.inc_by(writes as u64);
     }
 
     pub fn count_invalid(&self, reason: &Invalid) {
@@ -382,6 +395,7 @@ mod tests {
         };
         metrics.observe_conntrack(&walk, 1024, 7, 1);
         metrics.count_sync_failures(2, true);
+        metrics.count_drift(3);
         let text = answer(Endpoints::Metrics, "/metrics", &metrics).2;
         for name in [
             "xlb_sync_duration_seconds_bucket",
@@ -395,6 +409,7 @@ mod tests {
             "xlb_backends_drained_total 1",
             "xlb_sync_failed_writes_total 2",
             "xlb_sync_retries_total 1",
+            "xlb_sync_drift_total 3",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -18,6 +18,8 @@ pub enum Invalid {
     Unsupported(String),
     #[error("does not fit in the datapath: {0}")]
     Capacity(String),
+    #[error("conflicts with another object: {0}")]
+    Conflict(String),
 }
 
 impl Invalid {
@@ -30,6 +32,7 @@ impl Invalid {
             Invalid::Protocol(_) => "unknown_protocol",
             Invalid::Unsupported(_) => "unsupported",
             Invalid::Capacity(_) => "capacity",
+            Invalid::Conflict(_) => "conflict",
         }
     }
 
@@ -42,6 +45,7 @@ impl Invalid {
             Invalid::Protocol(_) => "UnknownProtocol",
             Invalid::Unsupported(_) => "Unsupported",
             Invalid::Capacity(_) => "OverCapacity",
+            Invalid::Conflict(_) => "Conflict",
         }
     }
 }

@@ -1,9 +1,9 @@
 //! What the datapath's service maps hold, as plain data, and the writes
 //! that change it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use lb_common::{Backend, Frontend, FrontendKey, SlotKey, SourceRangeKey};
+use lb_common::{Backend, Frontend, FrontendKey, SlotKey, SourceRangeKey, backend_flags};
 
 /// One allowed client network of one frontend: the key (network address
 /// masked to its length) and the network's prefix length.
@@ -93,5 +93,172 @@ impl State {
                     .copied()
             })
             .collect()
+    }
+}
+
+/// What identifies a backend: its value without the draining flag.
+pub fn identity(backend: Backend) -> Backend {
+    Backend {
+        flags: backend.flags & !backend_flags::DRAINING,
+        ..backend
+    }
+}
+
+/// The sync's record of what the maps hold, with the indexes that let a
+/// diff touch only what changed: backend ids by value, how many slots hold
+/// each backend, the backends no slot holds.
+#[derive(Debug, Clone, Default)]
+pub struct Mirror {
+    state: State,
+    /// Backend ids by [`identity`].
+    backend_ids: HashMap<Backend, u32>,
+    /// How many slots hold each backend.
+    slot_refs: HashMap<u32, u32>,
+    /// Backends in service that no slot holds: they start draining.
+    unslotted: BTreeSet<u32>,
+}
+
+impl Mirror {
+    pub fn new(mut state: State) -> Self {
+        state.max_backend_id_in_use = state
+            .backends
+            .keys()
+            .copied()
+            .fold(state.max_backend_id_in_use, u32::max);
+        state.max_frontend_id_in_use = state
+            .frontends
+            .values()
+            .map(|f| f.id)
+            .fold(state.max_frontend_id_in_use, u32::max);
+        let mut mirror = Self::default();
+        for id in state.slots.values() {
+            *mirror.slot_refs.entry(*id).or_default() += 1;
+        }
+        for (id, backend) in &state.backends {
+            mirror.backend_ids.insert(identity(*backend), *id);
+            if backend.flags & backend_flags::DRAINING == 0 && !mirror.slot_refs.contains_key(id) {
+                mirror.unslotted.insert(*id);
+            }
+        }
+        mirror.state = state;
+        mirror
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Ids that conntrack still names (from its walk): never handed out
+    /// again.
+    pub fn ids_in_use(&mut self, max_backend_id: u32, max_frontend_id: u32) {
+        let state = &mut self.state;
+        state.max_backend_id_in_use = state.max_backend_id_in_use.max(max_backend_id);
+        state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(max_frontend_id);
+    }
+
+    /// The id of the backend `backend` is (draining or not), and its value
+    /// in the maps.
+    pub fn backend(&self, backend: Backend) -> Option<(u32, Backend)> {
+        let id = *self.backend_ids.get(&identity(backend))?;
+        Some((id, *self.state.backends.get(&id)?))
+    }
+
+    /// Whether a slot holds backend `id`.
+    pub fn is_slotted(&self, id: u32) -> bool {
+        self.slot_refs.contains_key(&id)
+    }
+
+    /// Backends in service that no slot holds.
+    pub fn unslotted(&self) -> &BTreeSet<u32> {
+        &self.unslotted
+    }
+
+    /// Every slot of frontend `id`, also beyond its count.
+    pub fn slots_of_id(&self, id: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
+        let first = SlotKey {
+            frontend_id: id,
+            slot: 0,
+        };
+        let last = SlotKey {
+            frontend_id: id,
+            slot: u32::MAX,
+        };
+        self.state.slots.range(first..=last)
+    }
+
+    /// The source ranges of frontend `id`.
+    pub fn source_ranges_of(&self, id: u32) -> impl Iterator<Item = &SourceRange> {
+        let first = (
+            SourceRangeKey {
+                frontend_id: id,
+                addr: 0,
+            },
+            0,
+        );
+        let last = (
+            SourceRangeKey {
+                frontend_id: id,
+                addr: u32::MAX,
+            },
+            u8::MAX,
+        );
+        self.state.source_ranges.range(first..=last)
+    }
+
+    /// Applies one write that went through.
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend(id, backend) => {
+                if let Some(old) = self.state.backends.get(&id) {
+                    self.backend_ids.remove(&identity(*old));
+                }
+                self.backend_ids.insert(identity(backend), id);
+                if backend.flags & backend_flags::DRAINING != 0 {
+                    self.unslotted.remove(&id);
+                } else if !self.slot_refs.contains_key(&id) {
+                    self.unslotted.insert(id);
+                }
+            }
+            Op::DeleteBackend(id) => {
+                if let Some(old) = self.state.backends.get(&id) {
+                    self.backend_ids.remove(&identity(*old));
+                }
+                self.unslotted.remove(&id);
+            }
+            Op::PutSlot(key, id) => {
+                if let Some(old) = self.state.slots.get(&key).copied() {
+                    self.unref(old);
+                }
+                *self.slot_refs.entry(id).or_default() += 1;
+                self.unslotted.remove(&id);
+            }
+            Op::DeleteSlot(key) => {
+                if let Some(old) = self.state.slots.get(&key).copied() {
+                    self.unref(old);
+                }
+            }
+            _ => {}
+        }
+        self.state.apply(op);
+    }
+
+    /// One slot less holds backend `id`.
+    fn unref(&mut self, id: u32) {
+        let Some(count) = self.slot_refs.get_mut(&id) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        self.slot_refs.remove(&id);
+        if self
+            .state
+            .backends
+            .get(&id)
+            .is_some_and(|b| b.flags & backend_flags::DRAINING == 0)
+        {
+            self.unslotted.insert(id);
+        }
     }
 }

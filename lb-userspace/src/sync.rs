@@ -1,5 +1,12 @@
-//! One sync: snapshot → model → diff → dataplane, with the problems found
-//! on the way reported once each.
+//! One sync: the model's changes → diff → dataplane, with the problems
+//! found on the way reported once each.
+//!
+//! A sync is O(changed): the model recomputes the Services a change
+//! touched, and the diff writes only the frontends whose value changed,
+//! against an in-memory record of what the maps hold ([`Mirror`]). A full
+//! recompute — every frontend compared with the maps — runs after failed
+//! writes and periodically; what it finds beyond the failures it retries is
+//! drift, logged and counted, and fixed.
 //!
 //! Failures stay local: each frontend's writes are applied as a unit, and a
 //! unit whose write fails (a full map) stops before its frontend entry, so
@@ -18,11 +25,11 @@ use crate::{
     Error,
     conntrack::Walk,
     dataplane::Dataplane,
-    diff::{diff, drains},
-    model::{self, Node},
+    diff::{self, Plan, drains},
+    model::{FrontendAddr, HealthCheck, Model, Node},
     problem::{Invalid, Problem},
     source::Snapshot,
-    state::{Op, State},
+    state::{Mirror, Op, State},
 };
 
 /// The first retry of a failed sync, doubled per failure up to
@@ -30,13 +37,19 @@ use crate::{
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// Keeps a dataplane equal to what snapshots say.
+/// Keeps a dataplane equal to what the model says.
 pub struct Syncer<D> {
     dataplane: D,
     /// What the dataplane holds, as far as our writes went through.
-    mirror: State,
-    /// The problems of the previous sync, so each is reported once.
-    reported: BTreeSet<Problem>,
+    mirror: Mirror,
+    model: Model,
+    /// Frontends that could not be programmed (over a limit, a failed
+    /// write), by address, until they are programmed again.
+    unprogrammed: BTreeMap<FrontendAddr, Problem>,
+    /// Their problems as last reported.
+    reported_unprogrammed: BTreeSet<Problem>,
+    /// Failed writes outside any frontend's unit, in the last sync.
+    datapath_problems: BTreeSet<Problem>,
     /// Backends that no slot holds, by when they started draining.
     draining_since: BTreeMap<u32, Instant>,
     /// When a failed sync is due again, and the backoff that led there.
@@ -49,18 +62,33 @@ pub struct SyncReport {
     pub writes: usize,
     /// Writes that failed (their frontends kept their previous state).
     pub failed_writes: usize,
-    /// Problems not seen in the previous sync.
+    /// Writes a full recompute found missing beyond the failures it
+    /// retries: the maps had drifted from the record.
+    pub drift: usize,
+    /// Problems not seen before (or seen again after they went away).
     pub new_problems: Vec<Problem>,
     pub frontends: usize,
     pub backends: usize,
     /// The whole sync.
     pub duration: Duration,
-    /// Of which: applying the rules (model), comparing with the maps
-    /// (diff); the rest is map writes.
+    /// Of which: applying the rules to the changed Services (model),
+    /// planning the writes (diff); the rest is map writes.
     pub model_duration: Duration,
     pub diff_duration: Duration,
     /// The healthCheckNodePorts this node must serve.
-    pub health_checks: BTreeMap<u16, crate::model::HealthCheck>,
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// How much a sync compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// What changed since the last sync.
+    Changed,
+    /// Everything, after failed writes: what it writes is the retry.
+    Retry,
+    /// Everything, periodically: what it writes beyond the changes is
+    /// drift.
+    Check,
 }
 
 /// The Service object a `namespace/name:port` names, as problems name it.
@@ -71,11 +99,12 @@ fn service_of(service_port: &str) -> String {
 
 impl<D: Dataplane> Syncer<D> {
     /// Starts from what the dataplane holds (pinned maps of an earlier run
-    /// are reconciled, not flushed).
-    pub fn new(dataplane: D) -> Result<Self, Error> {
-        let mirror = dataplane.read()?;
+    /// are reconciled, not flushed), for `node`.
+    pub fn new(dataplane: D, node: Node) -> Result<Self, Error> {
+        let mirror = Mirror::new(dataplane.read()?);
         let now = Instant::now();
         let draining_since = mirror
+            .state()
             .backends
             .iter()
             .filter(|(_, b)| b.flags & backend_flags::DRAINING != 0)
@@ -84,33 +113,36 @@ impl<D: Dataplane> Syncer<D> {
         Ok(Self {
             dataplane,
             mirror,
-            reported: BTreeSet::new(),
+            model: Model::new(node),
+            unprogrammed: BTreeMap::new(),
+            reported_unprogrammed: BTreeSet::new(),
+            datapath_problems: BTreeSet::new(),
             draining_since,
             retry: None,
         })
     }
 
     /// Re-reads the dataplane, so that writes made behind our back are
-    /// corrected by the next sync.
+    /// corrected by the next full recompute.
     pub fn reread(&mut self) -> Result<(), Error> {
-        let read = self.dataplane.read()?;
+        let mut read = self.dataplane.read()?;
         // Ids named by conntrack are known from the walks, not the maps.
-        let (backend, frontend) = (
-            self.mirror.max_backend_id_in_use,
-            self.mirror.max_frontend_id_in_use,
-        );
-        self.mirror = read;
-        self.mirror.max_backend_id_in_use = self.mirror.max_backend_id_in_use.max(backend);
-        self.mirror.max_frontend_id_in_use = self.mirror.max_frontend_id_in_use.max(frontend);
+        let state = self.mirror.state();
+        read.max_backend_id_in_use = read.max_backend_id_in_use.max(state.max_backend_id_in_use);
+        read.max_frontend_id_in_use = read
+            .max_frontend_id_in_use
+            .max(state.max_frontend_id_in_use);
+        self.mirror = Mirror::new(read);
         // Draining backends written behind our back drain from now.
         let now = Instant::now();
-        for (id, backend) in &self.mirror.backends {
+        for (id, backend) in &self.mirror.state().backends {
             if backend.flags & backend_flags::DRAINING != 0 {
                 self.draining_since.entry(*id).or_insert(now);
             }
         }
+        let backends = &self.mirror.state().backends;
         self.draining_since
-            .retain(|id, _| self.mirror.backends.contains_key(id));
+            .retain(|id, _| backends.contains_key(id));
         Ok(())
     }
 
@@ -118,36 +150,101 @@ impl<D: Dataplane> Syncer<D> {
         &self.dataplane
     }
 
+    /// The model the sources' changes go into; [`Self::sync`] programs
+    /// them.
+    pub fn model(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
     /// Whether a failed sync is due for its retry at `now`.
     pub fn retry_due(&self, now: Instant) -> bool {
         self.retry.is_some_and(|(at, _)| now >= at)
     }
 
-    /// Programs what `snapshot` says for `node`.
-    pub fn sync(&mut self, snapshot: &Snapshot, node: &Node) -> SyncReport {
+    /// Makes the model hold exactly `snapshot` for `node`, and programs it
+    /// (every object compared: for tests and one-shot callers).
+    pub fn sync_snapshot(&mut self, snapshot: &Snapshot, node: &Node) -> SyncReport {
+        self.model.set_node(node.clone());
+        self.model.replace_all(snapshot);
+        self.sync(Scope::Changed)
+    }
+
+    /// Programs the model's changes (`Scope::Changed`), or compares
+    /// everything.
+    pub fn sync(&mut self, scope: Scope) -> SyncReport {
         let started = Instant::now();
-        let (desired, mut problems) = model::desired(snapshot, node);
+        let changes = self.model.update();
         let model_duration = started.elapsed();
-        let (plan, capacity) = diff(&desired, &self.mirror);
-        let diff_duration = started.elapsed() - model_duration;
-        problems.extend(capacity);
-        let forget = affinity_to_forget(&plan.ops(), &self.mirror);
-        let mut writes = 0;
-        let mut failed_writes = 0;
+        let (plan, unprogrammed) = diff::plan(&self.model, &changes, &self.mirror);
+        for addr in &changes.frontends {
+            self.unprogrammed.remove(addr);
+        }
+        let mut report = SyncReport {
+            model_duration,
+            ..SyncReport::default()
+        };
+        self.apply(&plan, unprogrammed, &mut report);
+        if scope != Scope::Changed {
+            // Everything else is as the record says, or the record is off.
+            self.unprogrammed.clear();
+            let (full, unprogrammed) = diff::full_plan(&self.model, &self.mirror);
+            let before = report.writes + report.failed_writes;
+            self.apply(&full, unprogrammed, &mut report);
+            if scope == Scope::Check {
+                report.drift = report.writes + report.failed_writes - before;
+            }
+        }
+        report.diff_duration = started.elapsed() - model_duration;
+        self.retry = match (report.failed_writes, self.retry) {
+            (0, _) => None,
+            (_, None) => Some((Instant::now() + RETRY_FIRST, RETRY_FIRST)),
+            (_, Some((_, backoff))) => {
+                let backoff = (backoff * 2).min(RETRY_MAX);
+                Some((Instant::now() + backoff, backoff))
+            }
+        };
+        report.new_problems.extend(self.model.take_new_problems());
+        let unprogrammed: BTreeSet<Problem> = self.unprogrammed.values().cloned().collect();
+        report.new_problems.extend(
+            unprogrammed
+                .difference(&self.reported_unprogrammed)
+                .cloned(),
+        );
+        self.reported_unprogrammed = unprogrammed;
+        report.new_problems.sort();
+        report.new_problems.dedup();
+        report.frontends = self.mirror.state().frontends.len();
+        report.backends = self.mirror.state().backends.len();
+        report.health_checks = self.model.health_checks();
+        report.duration = started.elapsed();
+        report
+    }
+
+    /// Applies a plan: the service addresses, each frontend's unit, the
+    /// cleanup (held back for frontends whose unit failed), then the drains
+    /// and affinity entries it leads to.
+    fn apply(
+        &mut self,
+        plan: &Plan,
+        unprogrammed: Vec<diff::CapacityProblem>,
+        report: &mut SyncReport,
+    ) {
+        let forget = affinity_to_forget(&plan.ops(), self.mirror.state());
+        let mut datapath_problems = BTreeSet::new();
         let mut failed_frontends = BTreeSet::new();
-        let (done, failed) = self.write_all(&plan.service_addrs, &mut problems);
-        writes += done;
-        failed_writes += failed;
+        self.unprogrammed.extend(unprogrammed);
+        self.write_all(&plan.service_addrs, report, &mut datapath_problems);
         for unit in &plan.frontends {
             let (done, failure) = self.apply_unit(&unit.writes);
-            writes += done;
+            report.writes += done;
             if let Some(err) = failure {
-                failed_writes += 1;
+                report.failed_writes += 1;
                 failed_frontends.insert(unit.frontend_id);
-                problems.push(Problem::new(
+                let problem = Problem::new(
                     service_of(&unit.service_port),
                     Invalid::Capacity(format!("{}: {err}", unit.service_port)),
-                ));
+                );
+                self.unprogrammed.insert(unit.addr, problem);
             }
         }
         // A frontend whose unit failed keeps its slots and ranges as they
@@ -162,59 +259,40 @@ impl<D: Dataplane> Syncer<D> {
             })
             .copied()
             .collect();
-        let (done, failed) = self.write_all(&cleanup, &mut problems);
-        writes += done;
-        failed_writes += failed;
-        let (done, failed) = self.write_all(&drains(&self.mirror), &mut problems);
-        writes += done;
-        failed_writes += failed;
+        self.write_all(&cleanup, report, &mut datapath_problems);
+        let drains = drains(&self.mirror);
+        self.write_all(&drains, report, &mut datapath_problems);
         if !forget.is_empty()
             && let Err(err) = self.dataplane.forget_affinity(&forget)
         {
-            failed_writes += 1;
-            problems.push(Problem::new(
+            report.failed_writes += 1;
+            datapath_problems.insert(Problem::new(
                 "affinity entries",
                 Invalid::Capacity(err.to_string()),
             ));
         }
-        self.retry = match (failed_writes, self.retry) {
-            (0, _) => None,
-            (_, None) => Some((Instant::now() + RETRY_FIRST, RETRY_FIRST)),
-            (_, Some((_, backoff))) => {
-                let backoff = (backoff * 2).min(RETRY_MAX);
-                Some((Instant::now() + backoff, backoff))
-            }
-        };
-        let current: BTreeSet<Problem> = problems.into_iter().collect();
-        let new_problems = current.difference(&self.reported).cloned().collect();
-        self.reported = current;
-        SyncReport {
-            writes,
-            failed_writes,
-            new_problems,
-            frontends: self.mirror.frontends.len(),
-            backends: self.mirror.backends.len(),
-            duration: started.elapsed(),
-            model_duration,
-            diff_duration,
-            health_checks: desired.health_checks,
-        }
+        report.new_problems.extend(
+            datapath_problems
+                .difference(&self.datapath_problems)
+                .cloned(),
+        );
+        self.datapath_problems = datapath_problems;
     }
 
-    /// Applies `ops` one by one, each failure a problem; returns the writes
-    /// made and failed.
-    fn write_all(&mut self, ops: &[Op], problems: &mut Vec<Problem>) -> (usize, usize) {
-        let mut done = 0;
+    /// Applies `ops` one by one, each failure a problem.
+    fn write_all(&mut self, ops: &[Op], report: &mut SyncReport, problems: &mut BTreeSet<Problem>) {
         for op in ops {
             match self.write(op) {
-                Ok(()) => done += 1,
-                Err(err) => problems.push(Problem::new(
-                    "xlb datapath",
-                    Invalid::Capacity(format!("{op:?}: {err}")),
-                )),
+                Ok(()) => report.writes += 1,
+                Err(err) => {
+                    report.failed_writes += 1;
+                    problems.insert(Problem::new(
+                        "xlb datapath",
+                        Invalid::Capacity(format!("{op:?}: {err}")),
+                    ));
+                }
             }
         }
-        (done, ops.len() - done)
     }
 
     /// Applies one frontend's writes until one fails; a slot is never
@@ -226,6 +304,7 @@ impl<D: Dataplane> Syncer<D> {
         for (done, op) in writes.iter().enumerate() {
             let in_service = |id| {
                 self.mirror
+                    .state()
                     .backends
                     .get(id)
                     .is_some_and(|b: &lb_common::Backend| b.flags & backend_flags::DRAINING == 0)
@@ -263,17 +342,13 @@ impl<D: Dataplane> Syncer<D> {
     /// drained before it started and that no entry names are deleted.
     /// Returns how many were.
     pub fn conntrack_walked(&mut self, started: Instant, walk: &Walk) -> usize {
-        if let Some(max) = walk.backends.last() {
-            self.mirror.max_backend_id_in_use = self.mirror.max_backend_id_in_use.max(*max);
-        }
-        self.mirror.max_frontend_id_in_use =
-            self.mirror.max_frontend_id_in_use.max(walk.max_frontend_id);
-        let slotted: BTreeSet<u32> = self.mirror.slots.values().copied().collect();
+        let max_backend = walk.backends.last().copied().unwrap_or(0);
+        self.mirror.ids_in_use(max_backend, walk.max_frontend_id);
         let unused: Vec<u32> = self
             .draining_since
             .iter()
             .filter(|(id, since)| {
-                **since < started && !walk.backends.contains(id) && !slotted.contains(id)
+                **since < started && !walk.backends.contains(id) && !self.mirror.is_slotted(**id)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -320,25 +395,30 @@ mod tests {
 
     #[test]
     fn problems_are_reported_once_and_again_after_a_fix() {
-        let mut syncer = Syncer::new(State::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
         let node = Node::default();
         let bad = snapshot(&format!("{GOOD}{BAD}"));
-        let first = syncer.sync(&bad, &node);
+        let first = syncer.sync_snapshot(&bad, &node);
         assert_eq!(first.new_problems.len(), 1);
         assert_eq!(first.frontends, 1, "the good Service is programmed");
-        assert!(syncer.sync(&bad, &node).new_problems.is_empty());
-        assert!(syncer.sync(&snapshot(GOOD), &node).new_problems.is_empty());
-        assert_eq!(syncer.sync(&bad, &node).new_problems.len(), 1);
+        assert!(syncer.sync_snapshot(&bad, &node).new_problems.is_empty());
+        assert!(
+            syncer
+                .sync_snapshot(&snapshot(GOOD), &node)
+                .new_problems
+                .is_empty()
+        );
+        assert_eq!(syncer.sync_snapshot(&bad, &node).new_problems.len(), 1);
     }
 
     #[test]
     fn a_restart_reconciles_instead_of_flushing() {
         let node = Node::default();
-        let mut first = Syncer::new(State::default()).unwrap();
-        first.sync(&snapshot(GOOD), &node);
+        let mut first = Syncer::new(State::default(), Node::default()).unwrap();
+        first.sync_snapshot(&snapshot(GOOD), &node);
         let maps = first.dataplane().clone();
-        let mut second = Syncer::new(maps).unwrap();
-        assert_eq!(second.sync(&snapshot(GOOD), &node).writes, 0);
+        let mut second = Syncer::new(maps, Node::default()).unwrap();
+        assert_eq!(second.sync_snapshot(&snapshot(GOOD), &node).writes, 0);
     }
 }
 
@@ -370,8 +450,8 @@ mod transitions {
     }
 
     fn fresh(desired_snapshot: &Snapshot, node: &Node) -> State {
-        let mut syncer = Syncer::new(State::default()).unwrap();
-        syncer.sync(desired_snapshot, node);
+        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
+        syncer.sync_snapshot(desired_snapshot, node);
         syncer.dataplane().clone()
     }
 
@@ -386,7 +466,7 @@ mod transitions {
         };
         let one_port = "[{name: a, port: 80, nodePort: 30080}]";
         let lb = "  type: LoadBalancer\nstatus: {loadBalancer: {ingress: [{ip: 172.18.0.1}]}}";
-        let mut syncer = Syncer::new(State::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
         let addrs = |syncer: &Syncer<State>| -> Vec<std::net::Ipv4Addr> {
             let mut addrs: Vec<std::net::Ipv4Addr> = syncer
                 .dataplane()
@@ -397,7 +477,7 @@ mod transitions {
             addrs.sort();
             addrs
         };
-        syncer.sync(&service(lb, one_port), &node);
+        syncer.sync_snapshot(&service(lb, one_port), &node);
         assert_eq!(
             addrs(&syncer),
             [
@@ -405,12 +485,12 @@ mod transitions {
                 "172.18.0.1".parse().unwrap()
             ]
         );
-        syncer.sync(&service("  type: NodePort", one_port), &node);
+        syncer.sync_snapshot(&service("  type: NodePort", one_port), &node);
         assert_eq!(
             addrs(&syncer),
             ["10.96.0.1".parse::<std::net::Ipv4Addr>().unwrap()]
         );
-        syncer.sync(&Snapshot::default(), &node);
+        syncer.sync_snapshot(&Snapshot::default(), &node);
         assert!(addrs(&syncer).is_empty());
     }
 
@@ -451,9 +531,9 @@ mod transitions {
                 1,
             ),
         ];
-        let mut syncer = Syncer::new(State::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
         for (step, snapshot, frontends) in steps {
-            syncer.sync(&snapshot, &node);
+            syncer.sync_snapshot(&snapshot, &node);
             let state = syncer.dataplane();
             assert_eq!(state.frontends.len(), frontends, "{step}");
             assert_eq!(served(state), served(&fresh(&snapshot, &node)), "{step}");
@@ -573,10 +653,13 @@ mod failures {
     /// A syncer over empty in-memory maps whose writes fail while `fails`
     /// says so.
     fn flaky(fails: fn(&Op) -> bool) -> Syncer<Flaky> {
-        Syncer::new(Flaky {
-            state: State::default(),
-            fails,
-        })
+        Syncer::new(
+            Flaky {
+                state: State::default(),
+                fails,
+            },
+            Node::default(),
+        )
         .unwrap()
     }
 
@@ -623,10 +706,10 @@ mod failures {
     fn a_failed_write_keeps_its_frontend_as_it_was_and_the_others_go_on() {
         let node = Node::default();
         let mut syncer = flaky(|_| false);
-        syncer.sync(&snapshot(&["10.244.2.1"]), &node);
+        syncer.sync_snapshot(&snapshot(&["10.244.2.1"]), &node);
         // The backends map is full: b's new endpoint cannot be written.
         syncer.dataplane.fails = |op| is_backend(op, [10, 244, 2, 2]);
-        let report = syncer.sync(&snapshot(&["10.244.2.1", "10.244.2.2"]), &node);
+        let report = syncer.sync_snapshot(&snapshot(&["10.244.2.1", "10.244.2.2"]), &node);
         assert_eq!(report.failed_writes, 1);
         let state = &syncer.dataplane().state;
         assert_eq!(
@@ -645,7 +728,7 @@ mod failures {
         assert!(syncer.retry_due(Instant::now() + Duration::from_millis(100)));
         // The map has room again: the retry completes b.
         syncer.dataplane.fails = |_| false;
-        let report = syncer.sync(&snapshot(&["10.244.2.1", "10.244.2.2"]), &node);
+        let report = syncer.sync(Scope::Retry);
         assert_eq!(report.failed_writes, 0);
         assert_eq!(served(&syncer.dataplane().state, [10, 96, 0, 2]).len(), 2);
         assert!(!syncer.retry_due(Instant::now() + Duration::from_secs(5)));
@@ -657,12 +740,12 @@ mod failures {
     fn a_failed_unit_keeps_its_old_slots_and_backends() {
         let node = Node::default();
         let mut syncer = flaky(|_| false);
-        syncer.sync(
+        syncer.sync_snapshot(
             &snapshot(&["10.244.2.1", "10.244.2.2", "10.244.2.3"]),
             &node,
         );
         syncer.dataplane.fails = |op| is_backend(op, [10, 244, 2, 4]);
-        let report = syncer.sync(&snapshot(&["10.244.2.2", "10.244.2.4"]), &node);
+        let report = syncer.sync_snapshot(&snapshot(&["10.244.2.2", "10.244.2.4"]), &node);
         assert_eq!(report.failed_writes, 1);
         let state = &syncer.dataplane().state;
         let mut served = served(state, [10, 96, 0, 2]);
@@ -687,7 +770,7 @@ mod failures {
         let mut syncer = flaky(|op| is_backend(op, [10, 244, 1, 1]));
         // a and b both over 10.244.1.1: its one write fails in a's unit,
         // and b's unit must not slot it either.
-        let report = syncer.sync(&snapshot(&["10.244.1.1"]), &node);
+        let report = syncer.sync_snapshot(&snapshot(&["10.244.1.1"]), &node);
         assert_eq!(report.failed_writes, 2);
         let state = &syncer.dataplane().state;
         assert!(state.frontends.is_empty(), "{state:?}");
@@ -699,8 +782,10 @@ mod failures {
         let node = Node::default();
         let mut syncer = flaky(|op| matches!(op, Op::PutFrontend(..)));
         let mut waits = Vec::new();
-        for _ in 0..6 {
-            syncer.sync(&snapshot(&["10.244.2.1"]), &node);
+        syncer.sync_snapshot(&snapshot(&["10.244.2.1"]), &node);
+        waits.push(syncer.retry.unwrap().1.as_millis());
+        for _ in 0..5 {
+            syncer.sync(Scope::Retry);
             waits.push(syncer.retry.unwrap().1.as_millis());
         }
         assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
@@ -710,8 +795,8 @@ mod failures {
     fn a_draining_backend_stays_while_conntrack_names_it() {
         let node = Node::default();
         let mut syncer = flaky(|_| false);
-        syncer.sync(&snapshot(&["10.244.2.1"]), &node);
-        syncer.sync(&snapshot(&["10.244.2.2"]), &node);
+        syncer.sync_snapshot(&snapshot(&["10.244.2.1"]), &node);
+        syncer.sync_snapshot(&snapshot(&["10.244.2.2"]), &node);
         let state = &syncer.dataplane().state;
         let (&gone, _) = state
             .backends
@@ -737,7 +822,7 @@ mod failures {
         // again.
         assert_eq!(syncer.conntrack_walked(Instant::now(), &Walk::default()), 1);
         assert!(flagged(&syncer).is_none());
-        syncer.sync(&snapshot(&["10.244.2.2", "10.244.2.3"]), &node);
+        syncer.sync_snapshot(&snapshot(&["10.244.2.2", "10.244.2.3"]), &node);
         assert!(
             syncer
                 .dataplane()
@@ -746,5 +831,222 @@ mod failures {
                 .keys()
                 .all(|id| *id != gone)
         );
+    }
+}
+
+#[cfg(test)]
+mod incremental {
+    //! Random sequences of Service, EndpointSlice and node events through
+    //! the incremental path: after every step the model equals the fold
+    //! over every object, and the maps hold exactly what a full recompute
+    //! and a fresh sync would program.
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        diff::full_plan,
+        model::{self, ObjectName},
+        source::file::parse_into,
+    };
+
+    /// A small deterministic generator (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    const SERVICES: [&str; 5] = ["a", "b", "c", "d", "e"];
+    const NODES: [&str; 2] = ["node1", "node2"];
+
+    /// A Service's YAML: addresses from small pools, so that Services
+    /// collide on frontend addresses and health-check ports.
+    fn service(rng: &mut Rng, name: &str) -> String {
+        let kind = ["ClusterIP", "NodePort", "LoadBalancer"][rng.below(3) as usize];
+        let policy = if rng.chance(40) { "Local" } else { "Cluster" };
+        let mut text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: {kind}\n  clusterIP: 10.96.0.{}\n  ports:\n  - {{name: http, port: {}, nodePort: {}}}\n",
+            rng.below(3) + 1,
+            80 + rng.below(2),
+            30000 + rng.below(2),
+        );
+        if kind != "ClusterIP" {
+            text.push_str(&format!("  externalTrafficPolicy: {policy}\n"));
+        }
+        if rng.chance(30) {
+            text.push_str(&format!("  externalIPs: [172.16.0.{}]\n", rng.below(2) + 1));
+        }
+        if rng.chance(30) {
+            text.push_str("  internalTrafficPolicy: Local\n");
+        }
+        if rng.chance(20) {
+            text.push_str("  sessionAffinity: ClientIP\n");
+        }
+        if kind == "LoadBalancer" {
+            text.push_str(&format!(
+                "  healthCheckNodePort: {}\n",
+                32000 + rng.below(2)
+            ));
+            text.push_str(&format!(
+                "status: {{loadBalancer: {{ingress: [{{ip: 172.18.0.{}}}]}}}}\n",
+                rng.below(2) + 1
+            ));
+        }
+        text
+    }
+
+    fn slice(rng: &mut Rng, name: &str) -> String {
+        let service = SERVICES[rng.below(SERVICES.len() as u64) as usize];
+        let endpoints: Vec<String> = (0..rng.below(4))
+            .map(|_| {
+                format!(
+                    "{{addresses: [10.244.0.{}], nodeName: {}, conditions: {{ready: {}, serving: true, terminating: {}}}}}",
+                    rng.below(6) + 1,
+                    NODES[rng.below(2) as usize],
+                    rng.chance(80),
+                    rng.chance(20),
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{}]\n",
+            8080 + rng.below(2),
+            endpoints.join(", ")
+        )
+    }
+
+    fn node(rng: &mut Rng) -> Node {
+        Node {
+            name: NODES[rng.below(2) as usize].into(),
+            zone: None,
+            ips: (0..rng.below(2) + 1)
+                .map(|_| format!("192.168.0.{}", rng.below(2) + 1).parse().unwrap())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Each tier's backends.
+    type Tiers = Vec<BTreeSet<lb_common::Backend>>;
+
+    /// What the maps serve: frontend keys and the endpoints of their slots,
+    /// tier by tier (ids and slot positions differ between histories).
+    fn served(state: &State) -> BTreeMap<lb_common::FrontendKey, (lb_common::Frontend, Tiers)> {
+        state
+            .frontends
+            .iter()
+            .map(|(key, f)| {
+                let slots = state.slots_of(f);
+                let mut start = 0;
+                let tiers = f
+                    .tier_len
+                    .iter()
+                    .map(|len| {
+                        let end = start + usize::from(*len);
+                        let tier = slots[start..end]
+                            .iter()
+                            .map(|id| state.backends[id])
+                            .collect();
+                        start = end;
+                        tier
+                    })
+                    .collect();
+                (*key, (lb_common::Frontend { id: 0, ..*f }, tiers))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn random_changes_leave_what_a_full_recompute_programs() {
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut node = node(&mut rng);
+            let mut syncer = Syncer::new(State::default(), node.clone()).unwrap();
+            // The objects as YAML, by kind and name.
+            let mut objects: BTreeMap<String, String> = BTreeMap::new();
+            for step in 0..60 {
+                let what = rng.below(10);
+                match what {
+                    0..=2 => {
+                        let name = SERVICES[rng.below(SERVICES.len() as u64) as usize];
+                        let text = service(&mut rng, name);
+                        let mut snapshot = Snapshot::default();
+                        parse_into("test", &text, &mut snapshot);
+                        let (name, object) = model::parse_service(&snapshot.services[0]);
+                        syncer.model().put_service(name.clone(), Some(object));
+                        objects.insert(format!("service {name}"), text);
+                    }
+                    3..=6 => {
+                        let name = format!("s{}", rng.below(6));
+                        let text = slice(&mut rng, &name);
+                        let mut snapshot = Snapshot::default();
+                        parse_into("test", &text, &mut snapshot);
+                        let (name, object) = model::parse_slice(&snapshot.endpoint_slices[0]);
+                        syncer.model().put_slice(name.clone(), Some(object));
+                        objects.insert(format!("slice {name}"), text);
+                    }
+                    7 => {
+                        let name = SERVICES[rng.below(SERVICES.len() as u64) as usize];
+                        let name = ObjectName::new("default", name);
+                        syncer.model().put_service(name.clone(), None);
+                        objects.remove(&format!("service {name}"));
+                    }
+                    8 => {
+                        let name = ObjectName::new("default", format!("s{}", rng.below(6)));
+                        syncer.model().put_slice(name.clone(), None);
+                        objects.remove(&format!("slice {name}"));
+                    }
+                    _ => {
+                        node = self::node(&mut rng);
+                        syncer.model().set_node(node.clone());
+                    }
+                }
+                // Several changes at once, now and then.
+                if rng.chance(30) {
+                    continue;
+                }
+                let report = syncer.sync(Scope::Changed);
+                assert_eq!(report.failed_writes, 0);
+                let context = format!("seed {seed} step {step}");
+                let text = objects.values().cloned().collect::<Vec<_>>().join("---\n");
+                let mut snapshot = Snapshot::default();
+                parse_into("test", &text, &mut snapshot);
+                let (fold, _) = model::desired(&snapshot, &node);
+                assert_eq!(syncer.model.desired(), fold, "{context}: model");
+                let (full, _) = full_plan(&syncer.model, &syncer.mirror);
+                assert_eq!(
+                    full.ops(),
+                    vec![],
+                    "{context}: a full recompute finds more to do"
+                );
+                let mut fresh = Syncer::new(State::default(), node.clone()).unwrap();
+                fresh.sync_snapshot(&snapshot, &node);
+                assert_eq!(
+                    served(syncer.dataplane()),
+                    served(fresh.dataplane()),
+                    "{context}: maps"
+                );
+                assert_eq!(
+                    syncer.dataplane().service_addrs,
+                    fresh.dataplane().service_addrs,
+                    "{context}: service addresses"
+                );
+            }
+        }
     }
 }

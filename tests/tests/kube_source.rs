@@ -1,16 +1,17 @@
 //! The kube source against the in-process API server double
 //! (`xlb_tests::api_double`): after each step — first list, watch events
 //! that add, modify and delete objects, bookmarks, a dropped watch
-//! connection, a 410 Gone that forces a re-list, an outage — the snapshot
-//! it holds equals the file source's snapshot of the same YAML fixtures
-//! (the golden tests' own).
+//! connection, a 410 Gone that forces a re-list, an outage — the objects
+//! its changes leave the agent with equal what the file source's changes
+//! give for the same YAML fixtures (the golden tests' own).
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Mutex, time::Duration};
 
 use anyhow::ensure;
 use lb_userspace::source::{
-    Snapshot, file,
-    kube::{self, KubeSource, as_stored},
+    Change,
+    file::FileSource,
+    kube::{self, KubeSource},
 };
 use xlb_tests::{api_double::ApiDouble, cluster::eventually};
 
@@ -24,32 +25,60 @@ fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// What the file source makes of `yaml`, as the kube source stores it.
-fn file_snapshot(yaml: &str) -> Snapshot {
+/// The objects a stream of changes leaves, by kind and name.
+type Held = BTreeMap<String, Change>;
+
+fn hold(held: &mut Held, changes: Vec<Change>) {
+    for change in changes {
+        let (key, present) = match &change {
+            Change::Service(name, object) => (format!("Service {name}"), object.is_some()),
+            Change::Slice(name, object) => (format!("EndpointSlice {name}"), object.is_some()),
+            Change::Node(name, node) => (format!("Node {name}"), node.is_some()),
+            Change::Problems(..) => continue,
+        };
+        if present {
+            held.insert(key, change);
+        } else {
+            held.remove(&key);
+        }
+    }
+}
+
+/// What the file source's changes leave of `yaml` (this node's Node
+/// only, as the kube source watches no other).
+fn file_held(yaml: &str) -> Held {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("objects.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let snapshot = file::read(&path);
-    assert_eq!(snapshot.problems, vec![], "fixtures the API would accept");
-    as_stored(snapshot, NODE)
+    let changes = FileSource::new(&path).scan();
+    let problems: Vec<_> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Problems(_, problems) => Some(problems.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(problems, vec![], "fixtures the API would accept");
+    let mut held = Held::new();
+    hold(&mut held, changes);
+    held.retain(|key, _| !key.starts_with("Node ") || *key == format!("Node {NODE}"));
+    held
 }
 
-/// Waits until the source holds exactly what the file source reads from
-/// `yaml`.
-fn converges(source: &KubeSource, yaml: &str, step: &str) {
-    let want = file_snapshot(yaml);
+/// Waits until the source's changes leave exactly what the file source's
+/// give for `yaml`.
+fn converges(source: &KubeSource, held: &Mutex<Held>, yaml: &str, step: &str) {
+    let want = file_held(yaml);
     eventually(step, Duration::from_secs(10), || {
         ensure!(source.shared.synced(), "not synced");
-        let got = source.shared.snapshot();
+        let mut got = held.lock().unwrap();
+        hold(&mut got, source.shared.take_changes());
         ensure!(
-            got == want,
-            "{} services, {} slices, {} nodes held; want {}, {}, {}",
-            got.services.len(),
-            got.endpoint_slices.len(),
-            got.nodes.len(),
-            want.services.len(),
-            want.endpoint_slices.len(),
-            want.nodes.len()
+            *got == want,
+            "held {:?}\nwant {:?}",
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
         );
         Ok(())
     })
@@ -78,12 +107,13 @@ fn the_kube_source_holds_what_the_file_source_reads_through_every_api_event() {
     // The first list.
     api.replace_all(&fixture(existing[0])).unwrap();
     let (source, _dir) = start(&api);
-    converges(&source, &fixture(existing[0]), "first list");
+    let held = Mutex::new(Held::new());
+    converges(&source, &held, &fixture(existing[0]), "first list");
     assert_eq!(api.service_lists(), 1);
 
     // Watch events: the next fixture adds, modifies and deletes objects.
     api.replace_all(&fixture(existing[1])).unwrap();
-    converges(&source, &fixture(existing[1]), "watch events");
+    converges(&source, &held, &fixture(existing[1]), "watch events");
 
     // Bookmarks flow on an idle watch; the next change still arrives on it
     // (no re-list).
@@ -98,21 +128,21 @@ fn the_kube_source_holds_what_the_file_source_reads_through_every_api_event() {
     )
     .unwrap();
     api.replace_all(&fixture(existing[2])).unwrap();
-    converges(&source, &fixture(existing[2]), "after bookmarks");
+    converges(&source, &held, &fixture(existing[2]), "after bookmarks");
     assert_eq!(api.service_lists(), 1, "no re-list while the watch lives");
 
     // A dropped connection: the watch resumes from its version, changes
     // made meanwhile arrive.
     api.drop_watches();
     api.replace_all(&fixture(existing[3])).unwrap();
-    converges(&source, &fixture(existing[3]), "dropped watch");
+    converges(&source, &held, &fixture(existing[3]), "dropped watch");
 
     // 410 Gone: the log is compacted and the watch dropped; the client's
     // version is too old, so it re-lists.
     api.replace_all(&fixture(existing[4])).unwrap();
     api.compact();
     api.drop_watches();
-    converges(&source, &fixture(existing[4]), "after 410");
+    converges(&source, &held, &fixture(existing[4]), "after 410");
     eventually("re-listed after 410", Duration::from_secs(10), || {
         ensure!(api.gone_answers() >= 1 && api.service_lists() >= 2);
         Ok(())
@@ -130,12 +160,15 @@ fn the_kube_source_holds_what_the_file_source_reads_through_every_api_event() {
         },
     )
     .unwrap();
+    let mut kept = held.lock().unwrap().clone();
+    hold(&mut kept, source.shared.take_changes());
     assert_eq!(
-        source.shared.snapshot(),
-        file_snapshot(&fixture(existing[4])),
+        kept,
+        file_held(&fixture(existing[4])),
         "the last good state is kept while the API server is down"
     );
+    *held.lock().unwrap() = kept;
     api.replace_all(&fixture(existing[5])).unwrap();
     api.set_down(false);
-    converges(&source, &fixture(existing[5]), "after the outage");
+    converges(&source, &held, &fixture(existing[5]), "after the outage");
 }

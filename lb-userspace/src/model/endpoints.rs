@@ -1,12 +1,12 @@
-//! EndpointSlices: grouped by Service, validated, and resolved per port.
+//! EndpointSlices: validated one by one, and resolved per Service port.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashSet, net::Ipv4Addr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    Endpoint, Protocol,
-    service::{ServicePort, object_name, valid_port},
+    Endpoint, ObjectName, Protocol,
+    service::{ServicePort, valid_port},
 };
 use crate::problem::{Invalid, Problem};
 
@@ -14,7 +14,7 @@ use crate::problem::{Invalid, Problem};
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A slice port, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct SlicePort {
     name: String,
     port: u16,
@@ -36,54 +36,50 @@ pub struct EndpointInfo {
 }
 
 /// A slice, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slice {
-    name: String,
     ports: Vec<SlicePort>,
     endpoints: Vec<EndpointInfo>,
 }
 
-/// The valid IPv4 slices of every Service, by (namespace, service name),
-/// sorted by slice name.
-pub fn by_service(
-    slices: &[EndpointSlice],
-    problems: &mut Vec<Problem>,
-) -> HashMap<(String, String), Vec<Slice>> {
-    let mut by_service: HashMap<(String, String), Vec<Slice>> = HashMap::new();
-    for slice in slices {
-        let (namespace, name) = object_name(&slice.metadata);
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        // IPv6 and FQDN slices are not ours (yet).
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let object = format!("EndpointSlice {namespace}/{name}");
-        if let Some(parsed) = parse(slice, name, &object, problems) {
-            by_service
-                .entry((namespace, service.clone()))
-                .or_default()
-                .push(parsed);
-        }
-    }
-    for slices in by_service.values_mut() {
-        slices.sort_by(|a, b| a.name.cmp(&b.name));
-    }
-    by_service
+/// An EndpointSlice as the model keeps it: validated once, whatever the
+/// node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceObject {
+    /// The Service it belongs to (same namespace); `None`: not ours (no
+    /// Service label, or not IPv4).
+    pub service: Option<String>,
+    /// `None` when invalid (`problems` says why) or not ours.
+    pub slice: Option<Slice>,
+    pub problems: Vec<Problem>,
 }
 
-fn parse(
-    slice: &EndpointSlice,
-    name: String,
-    object: &str,
-    problems: &mut Vec<Problem>,
-) -> Option<Slice> {
+/// Parses one EndpointSlice object.
+pub fn parse_object(slice: &EndpointSlice) -> (ObjectName, SliceObject) {
+    let name = ObjectName::of(&slice.metadata);
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        // IPv6 and FQDN slices are not ours (yet).
+        .filter(|_| slice.address_type == "IPv4")
+        .cloned();
+    let mut problems = Vec::new();
+    let parsed = service
+        .as_ref()
+        .and_then(|_| parse(slice, &format!("EndpointSlice {name}"), &mut problems));
+    (
+        name,
+        SliceObject {
+            service,
+            slice: parsed,
+            problems,
+        },
+    )
+}
+
+fn parse(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) -> Option<Slice> {
     let mut ports = Vec::new();
     for port in slice.ports.iter().flatten() {
         // A slice port without a number matches no Service port.
@@ -145,19 +141,17 @@ fn parse(
                 .unwrap_or_default(),
         });
     }
-    Some(Slice {
-        name,
-        ports,
-        endpoints,
-    })
+    Some(Slice { ports, endpoints })
 }
 
-/// Every endpoint of `port` over all `slices`, with the port number its own
-/// slice resolves (a named targetPort may map to different numbers in
-/// different slices). An endpoint listed in two slices (a slice reshuffle
-/// in progress) counts once: the first slice by name wins.
-pub fn for_port(slices: &[Slice], port: &ServicePort) -> Vec<(Endpoint, EndpointInfo)> {
+/// Every endpoint of `port` over all `slices` (sorted by slice name), with
+/// the port number its own slice resolves (a named targetPort may map to
+/// different numbers in different slices). An endpoint listed in two
+/// slices (a slice reshuffle in progress) counts once: the first slice by
+/// name wins.
+pub fn for_port(slices: &[&Slice], port: &ServicePort) -> Vec<(Endpoint, EndpointInfo)> {
     let mut endpoints: Vec<(Endpoint, EndpointInfo)> = Vec::new();
+    let mut seen = HashSet::new();
     for slice in slices {
         let Some(slice_port) = slice
             .ports
@@ -171,7 +165,7 @@ pub fn for_port(slices: &[Slice], port: &ServicePort) -> Vec<(Endpoint, Endpoint
                 ip: info.ip,
                 port: slice_port.port,
             };
-            if !endpoints.iter().any(|(e, _)| *e == endpoint) {
+            if seen.insert(endpoint) {
                 endpoints.push((endpoint, info.clone()));
             }
         }

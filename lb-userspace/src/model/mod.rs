@@ -1,8 +1,16 @@
-//! The model: a snapshot of Services and EndpointSlices plus this node's
-//! identity in, the frontends and backend tiers this node must program out.
-//! Pure (no I/O); every Kubernetes rule lives here and nowhere else.
+//! The model: Services and EndpointSlices plus this node's identity in, the
+//! frontends and backend tiers this node must program out. Pure (no I/O);
+//! every Kubernetes rule lives here and nowhere else.
+//!
+//! It works per object and per Service: each object is parsed once,
+//! whatever the node ([`parse_service`], [`parse_slice`]); one function
+//! turns a parsed Service, its slices and the node into that Service's
+//! frontends ([`service_frontends`]); and [`Model`] keeps the parsed objects
+//! and each Service's frontends, recomputing only the Services a change
+//! touched. [`desired`] is the fold over every Service, for a snapshot.
 
 mod endpoints;
+mod incremental;
 mod policy;
 mod service;
 
@@ -10,10 +18,49 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
-use self::service::ParsedService;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+pub use self::{
+    endpoints::{Slice, SliceObject, parse_object as parse_slice},
+    incremental::{Changes, Model},
+    service::{ParsedService, ServiceObject, parse_object as parse_service},
+};
 use crate::{problem::Problem, source::Snapshot};
+
+/// A namespaced object's name. A manifest without a namespace means
+/// `default`, as `kubectl apply` reads it; objects from the API server
+/// always carry theirs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The name in an object's metadata.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
 
 /// Who this node is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -140,6 +187,9 @@ pub struct DesiredFrontend {
     /// `loadBalancerSourceRanges` (LoadBalancer addresses only): allowed
     /// client networks; empty allows every client.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// Which of its backends run on this node (their slice says so):
+    /// external traffic reaches them without SNAT.
+    pub local: Arc<BTreeSet<Ipv4Addr>>,
 }
 
 /// A healthCheckNodePort this node serves (LoadBalancer, Local policy).
@@ -165,61 +215,63 @@ pub struct Desired {
     pub service_addrs: BTreeSet<Ipv4Addr>,
 }
 
-/// Applies every rule to `snapshot` for `node`. Objects that break a rule
-/// are skipped and returned as problems; they never affect the others.
+/// Applies every rule to `snapshot` for `node`: the fold of
+/// [`service_frontends`] over every Service. Objects that break a rule are
+/// skipped and returned as problems; they never affect the others.
 pub fn desired(snapshot: &Snapshot, node: &Node) -> (Desired, Vec<Problem>) {
-    let mut problems = snapshot.problems.clone();
-    let slices = endpoints::by_service(&snapshot.endpoint_slices, &mut problems);
-    let mut desired = Desired::default();
-    for svc in &snapshot.services {
-        if let Some(service) = service::parse(svc, &mut problems) {
-            let key = (service.namespace.clone(), service.name.clone());
-            add_service(
-                &mut desired,
-                &service,
-                slices.get(&key).map_or(&[][..], Vec::as_slice),
-                node,
-            );
-        }
-    }
-    desired.service_addrs = desired
-        .frontends
-        .keys()
-        .map(|addr| addr.ip)
-        .filter(|ip| !node.ips.contains(ip))
-        .collect();
+    let mut model = Model::new(node.clone());
+    model.replace_all(snapshot);
+    model.update();
+    let mut problems = model.problems();
     problems.sort();
     problems.dedup();
-    (desired, problems)
+    (model.desired(), problems)
 }
 
-/// The frontends of one Service on `node`.
-fn add_service(
-    desired: &mut Desired,
+/// What one Service asks of this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceFrontends {
+    pub frontends: Vec<(FrontendAddr, DesiredFrontend)>,
+    /// Its healthCheckNodePort, with what it reports.
+    pub health_check: Option<(u16, HealthCheck)>,
+    /// Addresses of its endpoints on this node.
+    pub local_endpoints: BTreeSet<Ipv4Addr>,
+}
+
+/// The frontends of one Service on `node`, from its slices (sorted by
+/// slice name).
+pub fn service_frontends(
     service: &ParsedService,
-    slices: &[endpoints::Slice],
+    slices: &[&Slice],
     node: &Node,
-) {
-    let mut local_endpoints = BTreeSet::new();
-    for port in &service.ports {
-        let endpoints = endpoints::for_port(slices, port);
+) -> ServiceFrontends {
+    let mut out = ServiceFrontends::default();
+    // Endpoints of every port; their addresses on this node.
+    let per_port: Vec<_> = service
+        .ports
+        .iter()
+        .map(|port| endpoints::for_port(slices, port))
+        .collect();
+    out.local_endpoints = per_port
+        .iter()
+        .flatten()
+        .filter(|(_, info)| info.node_name.as_deref() == Some(node.name.as_str()))
+        .map(|(endpoint, _)| endpoint.ip)
+        .collect();
+    let local = Arc::new(out.local_endpoints.clone());
+    let mut health_check_endpoints = BTreeSet::new();
+    for (port, endpoints) in service.ports.iter().zip(&per_port) {
         let service_port = match port.name.as_str() {
             "" => format!("{}/{}", service.namespace, service.name),
             name => format!("{}/{}:{name}", service.namespace, service.name),
         };
-        desired.local_endpoints.extend(
-            endpoints
-                .iter()
-                .filter(|(_, info)| info.node_name.as_deref() == Some(node.name.as_str()))
-                .map(|(endpoint, _)| endpoint.ip),
-        );
-        let internal = policy::tiers(&endpoints, service.internal_local, service.topology, node);
-        let external = policy::tiers(&endpoints, service.external_local, service.topology, node);
+        let internal = policy::tiers(endpoints, service.internal_local, service.topology, node);
+        let external = policy::tiers(endpoints, service.external_local, service.topology, node);
         // Pods reaching an external address are served cluster-wide,
         // whatever the external policy (kube-proxy short-circuits them).
-        let cluster = policy::tiers(&endpoints, false, service.topology, node);
+        let cluster = policy::tiers(endpoints, false, service.topology, node);
         if service.external_local {
-            local_endpoints.extend(external.tiers.iter().flatten().copied());
+            health_check_endpoints.extend(external.tiers.iter().flatten().map(|e| e.ip));
         }
         let mut add = |ip: Ipv4Addr,
                        port_number: u16,
@@ -232,7 +284,7 @@ fn add_service(
                 protocol: port.protocol,
                 scope,
             };
-            desired.frontends.insert(
+            out.frontends.push((
                 addr,
                 DesiredFrontend {
                     service_port: service_port.clone(),
@@ -240,8 +292,9 @@ fn add_service(
                     drop_when_empty: tiers.drop_when_empty,
                     affinity_timeout: service.affinity_timeout,
                     source_ranges: source_ranges.to_vec(),
+                    local: local.clone(),
                 },
-            );
+            ));
         };
         for ip in &service.cluster_ips {
             add(*ip, port.port, Scope::Internal, &internal, &[]);
@@ -267,19 +320,16 @@ fn add_service(
         }
     }
     if let Some(port) = service.health_check_node_port {
-        desired.health_checks.insert(
+        out.health_check = Some((
             port,
             HealthCheck {
                 namespace: service.namespace.clone(),
                 name: service.name.clone(),
-                local_endpoints: local_endpoints
-                    .iter()
-                    .map(|e: &Endpoint| e.ip)
-                    .collect::<BTreeSet<_>>()
-                    .len(),
+                local_endpoints: health_check_endpoints.len(),
             },
-        );
+        ));
     }
+    out
 }
 
 impl Desired {

@@ -7,7 +7,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::Protocol;
+use super::{ObjectName, Protocol};
 use crate::problem::{Invalid, Problem};
 
 /// Services with this label belong to another proxy (any value), and ones
@@ -22,7 +22,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 
 /// A Service port, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     /// The port's name ("" when unnamed): EndpointSlice ports match on it.
     pub name: String,
@@ -44,7 +44,7 @@ pub enum Topology {
 }
 
 /// The parts of a Service the model uses, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedService {
     pub namespace: String,
     pub name: String,
@@ -64,21 +64,33 @@ pub struct ParsedService {
     pub topology: Topology,
 }
 
-/// `namespace/name` of an object's metadata.
-pub fn object_name(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
+/// A Service as the model keeps it: validated once, whatever the node, with
+/// what was wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceObject {
+    /// `None`: not programmed (another proxy's, not a proxied type, or
+    /// invalid: then `problems` says why).
+    pub service: Option<ParsedService>,
+    pub problems: Vec<Problem>,
+}
+
+/// Parses one Service object.
+pub fn parse_object(svc: &Service) -> (ObjectName, ServiceObject) {
+    let name = ObjectName::of(&svc.metadata);
+    let mut problems = Vec::new();
+    let service = parse(svc, &name, &mut problems);
+    (name, ServiceObject { service, problems })
 }
 
 /// Validates `svc`. `None` when it is not programmed: another proxy's, not
 /// a proxied type, or invalid (then a problem says why).
-pub fn parse(svc: &Service, problems: &mut Vec<Problem>) -> Option<ParsedService> {
-    let (namespace, name) = object_name(&svc.metadata);
-    let object = format!("Service {namespace}/{name}");
+fn parse(
+    svc: &Service,
+    object_name: &ObjectName,
+    problems: &mut Vec<Problem>,
+) -> Option<ParsedService> {
+    let (namespace, name) = (object_name.namespace.clone(), object_name.name.clone());
+    let object = format!("Service {object_name}");
     let labels = svc.metadata.labels.as_ref();
     if labels
         .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))

@@ -1,32 +1,29 @@
 //! The Kubernetes source: watchers (list, then watch) over Services,
-//! `discovery.k8s.io/v1` EndpointSlices and this node's Node object, kept
-//! in stores the agent turns into the same [`Snapshot`] the file source
-//! makes.
+//! `discovery.k8s.io/v1` EndpointSlices and this node's Node object, whose
+//! events become per-object changes for the agent ([`Change`]), parsed into
+//! the form the model keeps. No copy of the API objects is kept: only each
+//! object's uid (for Events) and, per re-list, the names seen.
 //!
 //! The watchers run on a thread of their own (a single-threaded tokio
 //! runtime). Each reconnects with backoff when the API server goes away and
-//! re-lists when its watch is too old (`410 Gone`); a re-list replaces its
-//! store only once complete, and the stores are never emptied by an error,
-//! so the agent keeps serving the last good state through an outage. What
-//! the model does not need is stripped before it is stored (managed fields,
-//! resource versions, a Node's status beyond its addresses) to keep memory
-//! small.
+//! re-lists when its watch is too old (`410 Gone`); a re-list's objects are
+//! changes like any other (an unchanged object changes nothing in the
+//! model), and the objects it no longer finds are deleted once it is
+//! complete. Nothing is deleted on an error, so the agent keeps serving the
+//! last good state through an outage.
 
 use std::{
-    collections::BTreeMap,
+    collections::{HashMap, HashSet},
     fmt::Debug,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, NodeStatus, ObjectReference, Service},
+        core::v1::{Node, ObjectReference, Service},
         discovery::v1::EndpointSlice,
     },
     serde::de::DeserializeOwned,
@@ -43,22 +40,24 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::Snapshot;
-use crate::{Error, problem::Problem};
+use super::Change;
+use crate::{
+    Error,
+    model::{self, ObjectName},
+    problem::Problem,
+};
 
 /// At most this many Events a second leave the agent, whatever the number
 /// of bad objects.
 const EVENTS_PER_SECOND: u32 = 10;
 
-/// One resource's objects by (namespace, name).
-type Store<K> = BTreeMap<(String, String), K>;
-
 /// What the watchers share with the agent.
 #[derive(Default)]
-struct Stores {
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
+struct State {
+    /// Changes the agent has not taken yet.
+    changes: Vec<Change>,
+    /// The uid of every object held, by kind and name (for Events).
+    uids: [HashMap<ObjectName, String>; 3],
     /// Which of the three watchers completed their first list.
     listed: [bool; 3],
 }
@@ -66,105 +65,95 @@ struct Stores {
 /// The watchers' state, as the agent reads it.
 #[derive(Default)]
 pub struct Shared {
-    stores: Mutex<Stores>,
-    /// Bumped on every change of a store.
-    generation: AtomicU64,
+    state: Mutex<State>,
 }
 
 impl Shared {
-    /// Changes whenever what [`Self::snapshot`] returns may have changed.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Whether every watcher has listed its resource once: before that, a
-    /// snapshot would miss objects and the agent would delete their
-    /// frontends.
+    /// Whether every watcher has listed its resource once: before that, the
+    /// model would miss objects and the agent would delete their frontends.
     pub fn synced(&self) -> bool {
         self.lock().listed.iter().all(|listed| *listed)
     }
 
-    /// The objects as the watchers last saw them, sorted by namespace and
-    /// name.
-    pub fn snapshot(&self) -> Snapshot {
-        let stores = self.lock();
-        Snapshot {
-            services: stores.services.values().cloned().collect(),
-            endpoint_slices: stores.endpoint_slices.values().cloned().collect(),
-            nodes: stores.nodes.values().cloned().collect(),
-            problems: Vec::new(),
-        }
+    /// The changes since the last call.
+    pub fn take_changes(&self) -> Vec<Change> {
+        std::mem::take(&mut self.lock().changes)
     }
 
     /// A reference to the object a problem names (`Service ns/name` or
-    /// `EndpointSlice ns/name`), while the store holds it.
+    /// `EndpointSlice ns/name`), while the source holds it.
     fn reference(&self, object: &str) -> Option<ObjectReference> {
         let (kind, name) = object.split_once(' ')?;
         let (namespace, name) = name.split_once('/')?;
-        let key = (namespace.to_owned(), name.to_owned());
-        let stores = self.lock();
-        match kind {
-            "Service" => stores.services.get(&key).map(|o| o.object_ref(&())),
-            "EndpointSlice" => stores.endpoint_slices.get(&key).map(|o| o.object_ref(&())),
-            _ => None,
-        }
+        let (index, api_version) = match kind {
+            "Service" => (Service::INDEX, "v1"),
+            "EndpointSlice" => (EndpointSlice::INDEX, "discovery.k8s.io/v1"),
+            _ => return None,
+        };
+        let uid = self.lock().uids[index]
+            .get(&ObjectName::new(namespace, name))?
+            .clone();
+        Some(ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            uid: Some(uid),
+            ..ObjectReference::default()
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Stores> {
-        // A panicking watcher cannot leave a store half-written: every
-        // write is one map operation.
-        self.stores.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panicking watcher cannot leave the state half-written: every
+        // write is one operation.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// A resource the source watches: where its store is, and what of it to
-/// keep.
+/// A resource the source watches, and the change each of its objects is.
 trait Watched:
     Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
 {
-    /// Index of the watcher in [`Stores::listed`].
+    /// Index of the watcher in [`State::listed`] and [`State::uids`].
     const INDEX: usize;
-    fn store(stores: &mut Stores) -> &mut Store<Self>;
-    /// Drops what the model does not need.
-    fn strip(&mut self) {}
+    /// The object as a change (added or modified).
+    fn change(&self) -> (ObjectName, Change);
+    /// The deletion of the object named `name`.
+    fn deleted(name: ObjectName) -> Change;
 }
 
 impl Watched for Service {
     const INDEX: usize = 0;
-    fn store(stores: &mut Stores) -> &mut Store<Self> {
-        &mut stores.services
+    fn change(&self) -> (ObjectName, Change) {
+        let (name, object) = model::parse_service(self);
+        (name.clone(), Change::Service(name, Some(object)))
+    }
+    fn deleted(name: ObjectName) -> Change {
+        Change::Service(name, None)
     }
 }
 
 impl Watched for EndpointSlice {
     const INDEX: usize = 1;
-    fn store(stores: &mut Stores) -> &mut Store<Self> {
-        &mut stores.endpoint_slices
+    fn change(&self) -> (ObjectName, Change) {
+        let (name, object) = model::parse_slice(self);
+        (name.clone(), Change::Slice(name, Some(object)))
+    }
+    fn deleted(name: ObjectName) -> Change {
+        Change::Slice(name, None)
     }
 }
 
 impl Watched for Node {
     const INDEX: usize = 2;
-    fn store(stores: &mut Stores) -> &mut Store<Self> {
-        &mut stores.nodes
+    fn change(&self) -> (ObjectName, Change) {
+        let node = model::Node::from_k8s(self);
+        let name = ObjectName::of(self.meta());
+        (name, Change::Node(node.name.clone(), Some(node)))
     }
-    fn strip(&mut self) {
-        self.spec = None;
-        self.status = self.status.take().map(|status| NodeStatus {
-            addresses: status.addresses,
-            ..NodeStatus::default()
-        });
+    fn deleted(name: ObjectName) -> Change {
+        Change::Node(name.name, None)
     }
-}
-
-/// The key and the stripped copy of an object as stored.
-fn stored<K: Watched>(mut object: K) -> ((String, String), K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    meta.resource_version = None;
-    object.strip();
-    let key = (object.namespace().unwrap_or_default(), object.name_any());
-    (key, object)
 }
 
 /// The running source.
@@ -178,29 +167,6 @@ impl KubeSource {
     /// agent reports each problem once, when it first appears.
     pub fn report(&self, problem: &Problem) {
         let _ = self.events.send(problem.clone());
-    }
-}
-
-/// `snapshot` as the kube source of node `node` would hold the same
-/// objects: stripped, sorted by namespace and name, this node's Node only.
-/// (For comparing the two sources.)
-pub fn as_stored(snapshot: Snapshot, node: &str) -> Snapshot {
-    fn store<K: Watched>(objects: Vec<K>) -> Vec<K> {
-        objects
-            .into_iter()
-            .map(stored)
-            .collect::<Store<K>>()
-            .into_values()
-            .collect()
-    }
-    Snapshot {
-        services: store(snapshot.services),
-        endpoint_slices: store(snapshot.endpoint_slices),
-        nodes: store(snapshot.nodes)
-            .into_iter()
-            .filter(|n| n.name_any() == node)
-            .collect(),
-        problems: snapshot.problems,
     }
 }
 
@@ -286,46 +252,60 @@ async fn publish_events(
     }
 }
 
-/// Keeps the store of `K` equal to what the API server has, forever.
+/// Turns the API server's objects of `K` into changes, forever.
 async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, shared: &Shared) {
     let kind = K::kind(&());
     let mut events = watcher(api, config).default_backoff().boxed();
-    // A (re-)list in progress: it replaces the store once complete.
-    let mut listing: Option<Store<K>> = None;
+    // The names a (re-)list in progress has seen: once it is complete, the
+    // objects it did not see are deleted.
+    let mut listing: Option<HashSet<ObjectName>> = None;
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(event) => event,
             Err(err) => {
-                // The store keeps the last good state; the stream retries
-                // with backoff and re-lists when it must.
+                // Nothing is deleted; the stream retries with backoff and
+                // re-lists when it must.
                 warn!(%kind, "watch: {err}");
                 continue;
             }
         };
-        let mut stores = shared.lock();
+        let mut state = shared.lock();
+        let state = &mut *state;
         match event {
-            watcher::Event::Init => listing = Some(Store::new()),
+            watcher::Event::Init => listing = Some(HashSet::new()),
             watcher::Event::InitApply(object) => {
-                let (key, object) = stored(object);
-                listing.get_or_insert_default().insert(key, object);
+                let (name, change) = object.change();
+                state.uids[K::INDEX].insert(name.clone(), object.uid().unwrap_or_default());
+                state.changes.push(change);
+                listing.get_or_insert_default().insert(name);
             }
             watcher::Event::InitDone => {
-                *K::store(&mut stores) = listing.take().unwrap_or_default();
-                if !stores.listed[K::INDEX] {
-                    info!(%kind, objects = K::store(&mut stores).len(), "listed");
+                let seen = listing.take().unwrap_or_default();
+                let uids = &mut state.uids[K::INDEX];
+                let gone: Vec<ObjectName> = uids
+                    .keys()
+                    .filter(|name| !seen.contains(*name))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    uids.remove(&name);
+                    state.changes.push(K::deleted(name));
                 }
-                stores.listed[K::INDEX] = true;
+                if !state.listed[K::INDEX] {
+                    info!(%kind, objects = state.uids[K::INDEX].len(), "listed");
+                }
+                state.listed[K::INDEX] = true;
             }
             watcher::Event::Apply(object) => {
-                let (key, object) = stored(object);
-                K::store(&mut stores).insert(key, object);
+                let (name, change) = object.change();
+                state.uids[K::INDEX].insert(name, object.uid().unwrap_or_default());
+                state.changes.push(change);
             }
             watcher::Event::Delete(object) => {
-                let (key, _) = stored(object);
-                K::store(&mut stores).remove(&key);
+                let name = ObjectName::of(object.meta());
+                state.uids[K::INDEX].remove(&name);
+                state.changes.push(K::deleted(name));
             }
         }
-        drop(stores);
-        shared.generation.fetch_add(1, Ordering::AcqRel);
     }
 }

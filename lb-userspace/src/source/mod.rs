@@ -1,5 +1,7 @@
 //! Where the cluster's Services and EndpointSlices come from. Every source
-//! produces the same [`Snapshot`].
+//! tells the agent what changed, object by object ([`Change`]), parsed into
+//! the form the model keeps; [`Snapshot`] is the whole set at once, for
+//! tests and one-shot callers.
 
 pub mod file;
 pub mod kube;
@@ -9,7 +11,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use crate::problem::Problem;
+use crate::{
+    model::{self, ObjectName, ServiceObject, SliceObject},
+    problem::Problem,
+};
 
 /// Everything the model needs, as the source last saw it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -21,4 +26,16 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     /// Documents the source could not read as Kubernetes objects.
     pub problems: Vec<Problem>,
+}
+
+/// One object added or changed (`Some`), or deleted (`None`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Service(ObjectName, Option<ServiceObject>),
+    Slice(ObjectName, Option<SliceObject>),
+    /// A Node object, by name, as the identity it gives a node.
+    Node(String, Option<model::Node>),
+    /// The problems of one part of the source (a file), replacing its
+    /// earlier ones.
+    Problems(String, Vec<Problem>),
 }

@@ -1,0 +1,627 @@
+//! The model, kept up to date one change at a time: parsed objects in, each
+//! Service's frontends recomputed only when something it depends on
+//! changed, and the frontends whose programmed value changed out.
+//!
+//! What one Service's frontends depend on: the Service, its slices, and the
+//! node. The couplings between Services are explicit:
+//! - a slice names its Service; a slice that moves to another Service marks
+//!   both;
+//! - a frontend address (or a healthCheckNodePort) two Services claim goes
+//!   to the first by namespace/name, on every node alike; the other is told
+//!   (a problem), and takes over when the first lets go;
+//! - the addresses only Services use count the frontends on each address.
+//!
+//! A change of the node's identity marks every Service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry, hash_map},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use super::{
+    Desired, DesiredFrontend, FrontendAddr, HealthCheck, Node, ObjectName, ServiceObject,
+    SliceObject, service_frontends,
+};
+use crate::{
+    problem::{Invalid, Problem},
+    source::Snapshot,
+};
+
+/// What an update changed, for the diff.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Frontend addresses whose programmed value changed, appeared or went.
+    pub frontends: BTreeSet<FrontendAddr>,
+    /// Addresses that became, or stopped being, addresses only Services
+    /// use.
+    pub service_addrs: BTreeSet<Ipv4Addr>,
+    /// The healthCheckNodePorts to serve changed.
+    pub health_checks: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.service_addrs.is_empty() && !self.health_checks
+    }
+}
+
+/// Who claims a frontend address (or a health-check port), first by name
+/// first: the first is programmed.
+type Claims<T> = BTreeMap<ObjectName, T>;
+
+/// Where a problem comes from: when that thing changes, its problems are
+/// replaced.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Origin {
+    Service(ObjectName),
+    Slice(ObjectName),
+    /// A file or another part of a source (documents that do not parse).
+    Source(String),
+    /// Two Services claim one frontend address.
+    Frontend(FrontendAddr),
+    /// Two Services claim one healthCheckNodePort.
+    HealthCheck(u16),
+}
+
+/// The model of one node, kept up to date.
+#[derive(Debug, Default)]
+pub struct Model {
+    node: Node,
+    services: HashMap<ObjectName, ServiceObject>,
+    slices: HashMap<ObjectName, SliceObject>,
+    /// Slice names by the Service they belong to (same namespace).
+    slices_of: HashMap<ObjectName, BTreeSet<String>>,
+    /// Services to recompute at the next update.
+    dirty: BTreeSet<ObjectName>,
+    /// Each Service's output as last computed: the addresses it claims,
+    /// its health-check port, its local endpoints.
+    outputs: HashMap<ObjectName, Output>,
+    frontends: BTreeMap<FrontendAddr, Claims<Arc<DesiredFrontend>>>,
+    health_checks: BTreeMap<u16, Claims<HealthCheck>>,
+    /// Frontend addresses per IP.
+    frontends_per_ip: HashMap<Ipv4Addr, usize>,
+    /// Services with an endpoint per local IP.
+    local_endpoints: BTreeMap<Ipv4Addr, usize>,
+    problems: BTreeMap<Origin, Vec<Problem>>,
+    /// Problems that appeared since the last [`Model::take_new_problems`].
+    new_problems: Vec<Problem>,
+    /// Addresses only Services use that changed since the last update
+    /// (frontends came to or left an address, the node's addresses moved).
+    pending: Changes,
+}
+
+#[derive(Debug, Default)]
+struct Output {
+    frontends: Vec<FrontendAddr>,
+    health_check: Option<u16>,
+    local_endpoints: BTreeSet<Ipv4Addr>,
+}
+
+impl Model {
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            ..Self::default()
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// This node's identity: when it changes, every Service is recomputed.
+    pub fn set_node(&mut self, node: Node) {
+        if node == self.node {
+            return;
+        }
+        // The node's addresses leave or join the addresses only Services
+        // use.
+        let moved: BTreeSet<Ipv4Addr> = self
+            .node
+            .ips
+            .iter()
+            .chain(&node.ips)
+            .copied()
+            .filter(|ip| self.frontends_per_ip.contains_key(ip))
+            .collect();
+        self.pending.service_addrs.extend(moved);
+        self.node = node;
+        self.dirty.extend(self.services.keys().cloned());
+    }
+
+    /// A Service was added or changed (`Some`), or deleted.
+    pub fn put_service(&mut self, name: ObjectName, object: Option<ServiceObject>) {
+        let problems = object
+            .as_ref()
+            .map(|o| o.problems.clone())
+            .unwrap_or_default();
+        let changed = match object {
+            Some(object) => self.services.insert(name.clone(), object.clone()) != Some(object),
+            None => self.services.remove(&name).is_some(),
+        };
+        if changed {
+            self.set_problems(Origin::Service(name.clone()), problems);
+            self.dirty.insert(name);
+        }
+    }
+
+    /// An EndpointSlice was added or changed (`Some`), or deleted.
+    pub fn put_slice(&mut self, name: ObjectName, object: Option<SliceObject>) {
+        let problems = object
+            .as_ref()
+            .map(|o| o.problems.clone())
+            .unwrap_or_default();
+        let old = match &object {
+            Some(object) => self.slices.insert(name.clone(), object.clone()),
+            None => self.slices.remove(&name),
+        };
+        if old == object {
+            return;
+        }
+        self.set_problems(Origin::Slice(name.clone()), problems);
+        let service_of = |slice: &SliceObject| {
+            slice
+                .service
+                .as_ref()
+                .map(|service| ObjectName::new(name.namespace.clone(), service.clone()))
+        };
+        // A slice that moves between Services changes both.
+        if let Some(service) = old.as_ref().and_then(service_of) {
+            if let Some(names) = self.slices_of.get_mut(&service) {
+                names.remove(&name.name);
+                if names.is_empty() {
+                    self.slices_of.remove(&service);
+                }
+            }
+            self.dirty.insert(service);
+        }
+        if let Some(service) = object.as_ref().and_then(service_of) {
+            self.slices_of
+                .entry(service.clone())
+                .or_default()
+                .insert(name.name.clone());
+            self.dirty.insert(service);
+        }
+    }
+
+    /// The problems of a part of the source (a file), replacing its
+    /// earlier ones.
+    pub fn set_source_problems(&mut self, origin: &str, problems: Vec<Problem>) {
+        self.set_problems(Origin::Source(origin.to_owned()), problems);
+    }
+
+    /// Makes the model hold exactly the objects of `snapshot` (and, when
+    /// it has one, this node's Node object is not read here: the caller
+    /// sets the node).
+    pub fn replace_all(&mut self, snapshot: &Snapshot) {
+        let services: HashMap<ObjectName, ServiceObject> =
+            snapshot.services.iter().map(super::parse_service).collect();
+        let slices: HashMap<ObjectName, SliceObject> = snapshot
+            .endpoint_slices
+            .iter()
+            .map(super::parse_slice)
+            .collect();
+        let gone_services: Vec<ObjectName> = self
+            .services
+            .keys()
+            .filter(|name| !services.contains_key(*name))
+            .cloned()
+            .collect();
+        let gone_slices: Vec<ObjectName> = self
+            .slices
+            .keys()
+            .filter(|name| !slices.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone_services {
+            self.put_service(name, None);
+        }
+        for name in gone_slices {
+            self.put_slice(name, None);
+        }
+        for (name, object) in services {
+            self.put_service(name, Some(object));
+        }
+        for (name, object) in slices {
+            self.put_slice(name, Some(object));
+        }
+        self.set_source_problems("snapshot", snapshot.problems.clone());
+    }
+
+    /// Recomputes the Services marked since the last update; returns what
+    /// changed for the datapath.
+    pub fn update(&mut self) -> Changes {
+        // The programmed value of each touched address before the update.
+        let mut before: BTreeMap<FrontendAddr, Option<Arc<DesiredFrontend>>> = BTreeMap::new();
+        let mut touched_checks = BTreeSet::new();
+        for name in std::mem::take(&mut self.dirty) {
+            let old = self.outputs.remove(&name).unwrap_or_default();
+            let new = self.compute(&name);
+            for addr in old
+                .frontends
+                .iter()
+                .chain(new.frontends.iter().map(|(a, _)| a))
+            {
+                before.entry(*addr).or_insert_with(|| self.winner(addr));
+            }
+            for addr in &old.frontends {
+                self.unclaim(addr, &name);
+            }
+            let mut output = Output {
+                local_endpoints: new.local_endpoints,
+                ..Output::default()
+            };
+            for (addr, frontend) in new.frontends {
+                self.claim(addr, &name, Arc::new(frontend));
+                output.frontends.push(addr);
+            }
+            output.frontends.sort();
+            output.frontends.dedup();
+            if let Some(port) = old.health_check {
+                touched_checks.insert(port);
+                if let Entry::Occupied(mut claims) = self.health_checks.entry(port) {
+                    claims.get_mut().remove(&name);
+                    if claims.get().is_empty() {
+                        claims.remove();
+                    }
+                }
+            }
+            if let Some((port, check)) = new.health_check {
+                touched_checks.insert(port);
+                self.health_checks
+                    .entry(port)
+                    .or_default()
+                    .insert(name.clone(), check);
+                output.health_check = Some(port);
+            }
+            for ip in &old.local_endpoints {
+                if let Entry::Occupied(mut count) = self.local_endpoints.entry(*ip) {
+                    *count.get_mut() -= 1;
+                    if *count.get() == 0 {
+                        count.remove();
+                    }
+                }
+            }
+            for ip in &output.local_endpoints {
+                *self.local_endpoints.entry(*ip).or_default() += 1;
+            }
+            if !output.frontends.is_empty()
+                || output.health_check.is_some()
+                || !output.local_endpoints.is_empty()
+            {
+                self.outputs.insert(name, output);
+            }
+        }
+        let mut changes = std::mem::take(&mut self.pending);
+        for (addr, old) in before {
+            let new = self.frontend(&addr);
+            if old.as_deref() != new {
+                changes.frontends.insert(addr);
+            }
+            self.conflicts(addr);
+        }
+        for port in touched_checks {
+            changes.health_checks = true;
+            self.health_check_conflicts(port);
+        }
+        changes
+    }
+
+    /// One Service's frontends, as the rules give them now.
+    fn compute(&self, name: &ObjectName) -> super::ServiceFrontends {
+        let Some(service) = self.services.get(name).and_then(|s| s.service.as_ref()) else {
+            return super::ServiceFrontends::default();
+        };
+        let slices: Vec<_> = self
+            .slices_of
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| {
+                let key = ObjectName::new(name.namespace.clone(), slice.clone());
+                self.slices.get(&key)?.slice.as_ref()
+            })
+            .collect();
+        service_frontends(service, &slices, &self.node)
+    }
+
+    fn claim(&mut self, addr: FrontendAddr, name: &ObjectName, frontend: Arc<DesiredFrontend>) {
+        let claims = self.frontends.entry(addr).or_default();
+        if claims.is_empty() {
+            let count = self.frontends_per_ip.entry(addr.ip).or_default();
+            *count += 1;
+            if *count == 1 {
+                self.pending.service_addrs.insert(addr.ip);
+            }
+        }
+        claims.insert(name.clone(), frontend);
+    }
+
+    fn unclaim(&mut self, addr: &FrontendAddr, name: &ObjectName) {
+        let Entry::Occupied(mut claims) = self.frontends.entry(*addr) else {
+            return;
+        };
+        claims.get_mut().remove(name);
+        if !claims.get().is_empty() {
+            return;
+        }
+        claims.remove();
+        if let hash_map::Entry::Occupied(mut count) = self.frontends_per_ip.entry(addr.ip) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+                self.pending.service_addrs.insert(addr.ip);
+            }
+        }
+    }
+
+    /// The losers of a frontend address claimed twice are told.
+    fn conflicts(&mut self, addr: FrontendAddr) {
+        let problems = match self.frontends.get(&addr) {
+            Some(claims) if claims.len() > 1 => {
+                let mut names = claims.keys();
+                let winner = names.next().expect("claimed");
+                names
+                    .map(|loser| {
+                        let what = format!("{addr} is also Service {winner}'s, which keeps it");
+                        Problem::new(format!("Service {loser}"), Invalid::Conflict(what))
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.set_problems(Origin::Frontend(addr), problems);
+    }
+
+    fn health_check_conflicts(&mut self, port: u16) {
+        let problems = match self.health_checks.get(&port) {
+            Some(claims) if claims.len() > 1 => {
+                let mut names = claims.keys();
+                let winner = names.next().expect("claimed");
+                names
+                    .map(|loser| {
+                        let what = format!(
+                            "healthCheckNodePort {port} is also Service {winner}'s, which keeps it"
+                        );
+                        Problem::new(format!("Service {loser}"), Invalid::Conflict(what))
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.set_problems(Origin::HealthCheck(port), problems);
+    }
+
+    fn set_problems(&mut self, origin: Origin, problems: Vec<Problem>) {
+        let old = match problems.is_empty() {
+            true => self.problems.remove(&origin),
+            false => self.problems.insert(origin, problems.clone()),
+        }
+        .unwrap_or_default();
+        self.new_problems
+            .extend(problems.into_iter().filter(|p| !old.contains(p)));
+    }
+
+    /// The problems that appeared since the last call: each is reported
+    /// once, and again only after it went away.
+    pub fn take_new_problems(&mut self) -> Vec<Problem> {
+        std::mem::take(&mut self.new_problems)
+    }
+
+    /// Every current problem.
+    pub fn problems(&self) -> Vec<Problem> {
+        self.problems.values().flatten().cloned().collect()
+    }
+
+    /// The first claimant's frontend at `addr`, shared.
+    fn winner(&self, addr: &FrontendAddr) -> Option<Arc<DesiredFrontend>> {
+        self.frontends
+            .get(addr)
+            .and_then(|claims| claims.values().next())
+            .cloned()
+    }
+
+    /// The frontend programmed at `addr`: the first claimant's.
+    pub fn frontend(&self, addr: &FrontendAddr) -> Option<&DesiredFrontend> {
+        self.frontends
+            .get(addr)
+            .and_then(|claims| claims.values().next())
+            .map(Arc::as_ref)
+    }
+
+    /// Every programmed frontend, by address.
+    pub fn frontends(&self) -> impl Iterator<Item = (&FrontendAddr, &DesiredFrontend)> {
+        self.frontends.iter().filter_map(|(addr, claims)| {
+            claims
+                .values()
+                .next()
+                .map(|frontend| (addr, frontend.as_ref()))
+        })
+    }
+
+    /// Whether `ip` is an address only Services use: a frontend's, and none
+    /// of the node's.
+    pub fn is_service_addr(&self, ip: &Ipv4Addr) -> bool {
+        self.frontends_per_ip.contains_key(ip) && !self.node.ips.contains(ip)
+    }
+
+    /// Every address only Services use.
+    pub fn service_addrs(&self) -> BTreeSet<Ipv4Addr> {
+        self.frontends_per_ip
+            .keys()
+            .filter(|ip| !self.node.ips.contains(ip))
+            .copied()
+            .collect()
+    }
+
+    /// The healthCheckNodePorts this node serves.
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        self.health_checks
+            .iter()
+            .filter_map(|(port, claims)| Some((*port, claims.values().next()?.clone())))
+            .collect()
+    }
+
+    /// Everything this node must program, as one value.
+    pub fn desired(&self) -> Desired {
+        Desired {
+            frontends: self
+                .frontends()
+                .map(|(addr, frontend)| (*addr, frontend.clone()))
+                .collect(),
+            health_checks: self.health_checks(),
+            local_endpoints: self.local_endpoints.keys().copied().collect(),
+            service_addrs: self.service_addrs(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{model::Scope, source::file::parse_into};
+
+    fn node() -> Node {
+        Node {
+            name: "node1".into(),
+            zone: None,
+            ips: vec!["192.168.0.1".parse().unwrap()],
+        }
+    }
+
+    /// Parses the objects of `yaml` into `model`.
+    fn put(model: &mut Model, yaml: &str) {
+        let mut snapshot = Snapshot::default();
+        parse_into("test", yaml, &mut snapshot);
+        assert!(snapshot.problems.is_empty(), "{:?}", snapshot.problems);
+        for service in &snapshot.services {
+            let (name, object) = super::super::parse_service(service);
+            model.put_service(name, Some(object));
+        }
+        for slice in &snapshot.endpoint_slices {
+            let (name, object) = super::super::parse_slice(slice);
+            model.put_slice(name, Some(object));
+        }
+    }
+
+    fn service(name: &str, external_ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.{}, externalIPs: [{external_ip}], ports: [{{port: 80}}]}}\n",
+            name.len()
+        )
+    }
+
+    fn slice(name: &str, service: &str, ip: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]\n"
+        )
+    }
+
+    fn external(ip: &str) -> FrontendAddr {
+        FrontendAddr {
+            ip: ip.parse().unwrap(),
+            port: 80,
+            protocol: super::super::Protocol::Tcp,
+            scope: Scope::External,
+        }
+    }
+
+    fn backends(model: &Model, addr: &FrontendAddr) -> Vec<String> {
+        model
+            .frontend(addr)
+            .map(|f| f.tiers.iter().flatten().map(|e| e.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_address_two_services_claim_goes_to_the_first_by_name_and_passes_on() {
+        let mut model = Model::new(node());
+        put(&mut model, &service("b", "172.16.0.1"));
+        put(&mut model, &slice("b-1", "b", "10.244.0.2"));
+        model.update();
+        put(&mut model, &service("a", "172.16.0.1"));
+        put(&mut model, &slice("a-1", "a", "10.244.0.1"));
+        let changes = model.update();
+        let addr = external("172.16.0.1");
+        assert!(changes.frontends.contains(&addr));
+        assert_eq!(backends(&model, &addr), ["10.244.0.1:8080"], "a wins");
+        let problems = model.take_new_problems();
+        assert_eq!(
+            problems.len(),
+            3,
+            "ClusterIP, external IP twice: {problems:?}"
+        );
+        assert!(problems.iter().all(|p| p.object == "Service default/b"));
+        assert_eq!(problems[0].reason.label(), "conflict");
+        // a goes: b takes the address over, and is no longer told.
+        model.put_service(ObjectName::new("default", "a"), None);
+        let changes = model.update();
+        assert!(changes.frontends.contains(&addr));
+        assert_eq!(backends(&model, &addr), ["10.244.0.2:8080"]);
+        assert!(model.problems().is_empty(), "{:?}", model.problems());
+    }
+
+    #[test]
+    fn a_slice_that_moves_to_another_service_changes_both() {
+        let mut model = Model::new(node());
+        put(&mut model, &service("a", "172.16.0.1"));
+        put(&mut model, &service("bb", "172.16.0.2"));
+        put(&mut model, &slice("s", "a", "10.244.0.1"));
+        model.update();
+        put(&mut model, &slice("s", "bb", "10.244.0.1"));
+        let changes = model.update();
+        assert!(changes.frontends.contains(&external("172.16.0.1")));
+        assert!(changes.frontends.contains(&external("172.16.0.2")));
+        assert!(backends(&model, &external("172.16.0.1")).is_empty());
+        assert_eq!(
+            backends(&model, &external("172.16.0.2")),
+            ["10.244.0.1:8080"]
+        );
+    }
+
+    #[test]
+    fn an_unchanged_object_is_no_work() {
+        let mut model = Model::new(node());
+        let yaml = service("a", "172.16.0.1") + "---\n" + &slice("a-1", "a", "10.244.0.1");
+        put(&mut model, &yaml);
+        assert!(!model.update().is_empty());
+        // A re-list hands the same objects again.
+        put(&mut model, &yaml);
+        assert!(model.dirty.is_empty(), "nothing to recompute");
+        assert!(model.update().is_empty());
+    }
+
+    #[test]
+    fn a_change_of_the_node_recomputes_every_service() {
+        let mut model = Model::new(node());
+        put(
+            &mut model,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {type: NodePort, clusterIP: 10.96.0.1, ports: [{port: 80, nodePort: 30080}]}\n",
+        );
+        model.update();
+        let mut moved = node();
+        moved.ips = vec!["192.168.0.2".parse().unwrap()];
+        model.set_node(moved);
+        let changes = model.update();
+        let nodeport = |ip: &str| FrontendAddr {
+            port: 30080,
+            ..external(ip)
+        };
+        assert!(changes.frontends.contains(&nodeport("192.168.0.1")));
+        assert!(changes.frontends.contains(&nodeport("192.168.0.2")));
+        assert!(model.frontend(&nodeport("192.168.0.1")).is_none());
+        assert!(model.frontend(&nodeport("192.168.0.2")).is_some());
+    }
+
+    #[test]
+    fn a_manifest_without_a_namespace_is_in_default() {
+        let mut model = Model::new(node());
+        put(&mut model, &service("a", "172.16.0.1"));
+        assert!(
+            model
+                .services
+                .contains_key(&ObjectName::new("default", "a"))
+        );
+    }
+}
