@@ -34,14 +34,14 @@ use crate::{
 
 /// A started source.
 enum Source {
-    File(FileSource),
+    File(Box<FileSource>),
     Kube(KubeSource),
 }
 
 impl Source {
     fn start(config: &SourceConfig, node: &str) -> Result<Self, Error> {
         Ok(match config {
-            SourceConfig::File(path) => Source::File(FileSource::new(path.clone())),
+            SourceConfig::File(path) => Source::File(Box::new(FileSource::new(path.clone()))),
             SourceConfig::Kube { kubeconfig } => {
                 Source::Kube(crate::source::kube::start(kubeconfig.as_deref(), node)?)
             }
@@ -72,6 +72,14 @@ impl Source {
         }
     }
 
+    /// Waits up to `timeout`, less when the source knows of a change.
+    fn wait(&mut self, timeout: Duration) {
+        match self {
+            Source::File(files) => files.wait(timeout),
+            Source::Kube(_) => std::thread::sleep(timeout),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Source::File(files) => format!("file {}", files.path().display()),
@@ -80,7 +88,8 @@ impl Source {
     }
 }
 
-/// How often the loop looks at the manifests and the interfaces.
+/// How often the loop looks at the interfaces (and at the manifests, when
+/// no change notification wakes it earlier).
 const TICK: Duration = Duration::from_millis(100);
 /// How often the agent walks conntrack (expired entries out, drained
 /// backends deleted).
@@ -91,6 +100,9 @@ const CONNTRACK_WALK: Duration = Duration::from_secs(1);
 /// once.
 const FULL_CHECK: Duration = Duration::from_secs(300);
 const FULL_CHECK_JITTER: Duration = Duration::from_secs(30);
+/// After a sync of this many changes (a cold start, a re-list), freed
+/// memory is returned to the system.
+const RETURN_MEMORY_AFTER: usize = 1000;
 /// How often interfaces whose attachment failed are tried again.
 const RETRY_INTERFACES: Duration = Duration::from_secs(60);
 
@@ -217,7 +229,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         // Not before a walk told which backend ids flows still name.
         if !(walked && source.ready() && (pending || check_due || retry_due || !synced_once)) {
             metrics.loop_ran();
-            std::thread::sleep(TICK);
+            source.wait(TICK);
             continue;
         }
         let scope = if check_due {
@@ -234,6 +246,12 @@ pub fn run(config: Config) -> Result<(), Error> {
         };
         let report = syncer.sync(scope);
         pending = false;
+        if changed >= RETURN_MEMORY_AFTER {
+            // Parsing many objects leaves freed memory in the allocator's
+            // arenas; give it back to the system.
+            // SAFETY: a glibc call without pointers.
+            unsafe { libc::malloc_trim(0) };
+        }
         synced_once = true;
         health_checks.sync(&report.health_checks, &syncer.model().node().ips);
         for problem in &report.new_problems {
@@ -270,7 +288,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         );
         metrics.set_ready();
         metrics.loop_ran();
-        std::thread::sleep(TICK);
+        source.wait(TICK);
     }
 }
 

@@ -225,6 +225,11 @@ pub fn services(cluster: &Cluster, count: u32) -> Vec<BenchService> {
 /// each Service with its EndpointSlice (the real Service's two protocols as
 /// one Service).
 pub fn manifests(services: &[BenchService]) -> String {
+    filler_manifests(services) + "---\n" + &real_manifest(services)
+}
+
+/// [`manifests`] of the filler Services alone.
+pub fn filler_manifests(services: &[BenchService]) -> String {
     let mut docs = Vec::with_capacity(services.len() * 2);
     for svc in services.iter().filter(|s| !s.name.starts_with("real-")) {
         let endpoints: Vec<Endpoint> = svc
@@ -245,6 +250,11 @@ pub fn manifests(services: &[BenchService]) -> String {
             &endpoints,
         ));
     }
+    documents(&docs)
+}
+
+/// [`manifests`] of the real Service alone: a small file of its own.
+pub fn real_manifest(services: &[BenchService]) -> String {
     let real = services
         .iter()
         .find(|s| s.name == "real-tcp")
@@ -257,9 +267,10 @@ pub fn manifests(services: &[BenchService]) -> String {
         .zip(BACKENDS)
         .map(|((ip, _), (_, node))| Endpoint::ready(*ip, ["node1", "node2"][node]))
         .collect();
-    docs.push(service("real", REAL_IP, &ports, &["8081", "8081"]));
-    docs.push(endpoint_slice("real", "real-1", &slice_ports, &endpoints));
-    documents(&docs)
+    documents(&[
+        service("real", REAL_IP, &ports, &["8081", "8081"]),
+        endpoint_slice("real", "real-1", &slice_ports, &endpoints),
+    ])
 }
 
 /// Programs `services` on node1 the way `mode` does; returns how long it
@@ -312,6 +323,31 @@ pub fn wait_served(cluster: &Cluster, timeout: Duration) -> Result<()> {
                     return Err(err.context("the real Service never answered"));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    })
+}
+
+/// Waits until a new connection to the real Service is answered by `pod`.
+pub fn wait_answered_by(cluster: &Cluster, pod: &str, timeout: Duration) -> Result<()> {
+    let real = SocketAddrV4::new(REAL_IP, REAL_PORT);
+    let deadline = Instant::now() + timeout;
+    let want = format!("From={pod} ");
+    cluster.pod("client").run(|| {
+        loop {
+            let answer = TcpStream::connect_timeout(&real.into(), Duration::from_millis(20))
+                .map_err(anyhow::Error::from)
+                .and_then(|mut stream| {
+                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                    stream.write_all(b"hello\n")?;
+                    let mut line = String::new();
+                    BufReader::new(stream).read_line(&mut line)?;
+                    Ok(line)
+                });
+            match answer {
+                Ok(line) if line.starts_with(&want) => return Ok(()),
+                _ if Instant::now() >= deadline => bail!("{pod} never answered"),
+                _ => {}
             }
         }
     })

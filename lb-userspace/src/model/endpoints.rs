@@ -1,6 +1,10 @@
 //! EndpointSlices: validated one by one, and resolved per Service port.
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    sync::{Arc, LazyLock, Mutex},
+};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -22,6 +26,8 @@ struct SlicePort {
 }
 
 /// One endpoint of a slice, validated: what the policies need of it.
+/// Node and zone names are shared (a cluster has few), so that hundreds of
+/// thousands of endpoints cost no string each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     /// The first address (Kubernetes uses only that one).
@@ -29,10 +35,22 @@ pub struct EndpointInfo {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    pub for_zones: Vec<String>,
-    pub for_nodes: Vec<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub for_zones: Box<[Arc<str>]>,
+    pub for_nodes: Box<[Arc<str>]>,
+}
+
+/// The shared copy of a node or zone name.
+fn intern(name: &str) -> Arc<str> {
+    static NAMES: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shared) = names.get(name) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(name);
+    names.insert(shared.clone());
+    shared
 }
 
 /// A slice, validated.
@@ -129,15 +147,15 @@ fn parse(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) -> Op
                 .and_then(|c| c.serving.or(c.ready))
                 .unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: endpoint.node_name.clone(),
-            zone: endpoint.zone.clone(),
+            node_name: endpoint.node_name.as_deref().map(intern),
+            zone: endpoint.zone.as_deref().map(intern),
             for_zones: hints
                 .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .map(|z| z.iter().map(|z| intern(&z.name)).collect())
                 .unwrap_or_default(),
             for_nodes: hints
                 .and_then(|h| h.for_nodes.as_ref())
-                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .map(|n| n.iter().map(|n| intern(&n.name)).collect())
                 .unwrap_or_default(),
         });
     }

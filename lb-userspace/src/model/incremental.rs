@@ -47,8 +47,46 @@ impl Changes {
 }
 
 /// Who claims a frontend address (or a health-check port), first by name
-/// first: the first is programmed.
-type Claims<T> = BTreeMap<ObjectName, T>;
+/// first: the first is programmed. Nearly always one: a short sorted list
+/// (a map would allocate a node per address).
+#[derive(Debug)]
+struct Claims<T>(Vec<(ObjectName, T)>);
+
+impl<T> Default for Claims<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> Claims<T> {
+    fn insert(&mut self, name: ObjectName, value: T) {
+        match self.0.binary_search_by(|(n, _)| n.cmp(&name)) {
+            Ok(at) => self.0[at].1 = value,
+            Err(at) => self.0.insert(at, (name, value)),
+        }
+    }
+
+    fn remove(&mut self, name: &ObjectName) {
+        self.0.retain(|(n, _)| n != name);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &ObjectName> {
+        self.0.iter().map(|(name, _)| name)
+    }
+
+    /// The programmed one: the first claimant's.
+    fn first(&self) -> Option<&T> {
+        self.0.first().map(|(_, value)| value)
+    }
+}
 
 /// Where a problem comes from: when that thing changes, its problems are
 /// replaced.
@@ -71,7 +109,8 @@ pub struct Model {
     services: HashMap<ObjectName, ServiceObject>,
     slices: HashMap<ObjectName, SliceObject>,
     /// Slice names by the Service they belong to (same namespace).
-    slices_of: HashMap<ObjectName, BTreeSet<String>>,
+    /// (Sorted; nearly always one, so not a set, which allocates a node.)
+    slices_of: HashMap<ObjectName, Vec<String>>,
     /// Services to recompute at the next update.
     dirty: BTreeSet<ObjectName>,
     /// Each Service's output as last computed: the addresses it claims,
@@ -169,7 +208,7 @@ impl Model {
         // A slice that moves between Services changes both.
         if let Some(service) = old.as_ref().and_then(service_of) {
             if let Some(names) = self.slices_of.get_mut(&service) {
-                names.remove(&name.name);
+                names.retain(|n| *n != name.name);
                 if names.is_empty() {
                     self.slices_of.remove(&service);
                 }
@@ -177,10 +216,10 @@ impl Model {
             self.dirty.insert(service);
         }
         if let Some(service) = object.as_ref().and_then(service_of) {
-            self.slices_of
-                .entry(service.clone())
-                .or_default()
-                .insert(name.name.clone());
+            let names = self.slices_of.entry(service.clone()).or_default();
+            if let Err(at) = names.binary_search(&name.name) {
+                names.insert(at, name.name.clone());
+            }
             self.dirty.insert(service);
         }
     }
@@ -418,7 +457,7 @@ impl Model {
     fn winner(&self, addr: &FrontendAddr) -> Option<Arc<DesiredFrontend>> {
         self.frontends
             .get(addr)
-            .and_then(|claims| claims.values().next())
+            .and_then(|claims| claims.first())
             .cloned()
     }
 
@@ -426,18 +465,15 @@ impl Model {
     pub fn frontend(&self, addr: &FrontendAddr) -> Option<&DesiredFrontend> {
         self.frontends
             .get(addr)
-            .and_then(|claims| claims.values().next())
+            .and_then(|claims| claims.first())
             .map(Arc::as_ref)
     }
 
     /// Every programmed frontend, by address.
     pub fn frontends(&self) -> impl Iterator<Item = (&FrontendAddr, &DesiredFrontend)> {
-        self.frontends.iter().filter_map(|(addr, claims)| {
-            claims
-                .values()
-                .next()
-                .map(|frontend| (addr, frontend.as_ref()))
-        })
+        self.frontends
+            .iter()
+            .filter_map(|(addr, claims)| claims.first().map(|frontend| (addr, frontend.as_ref())))
     }
 
     /// Whether `ip` is an address only Services use: a frontend's, and none
@@ -459,7 +495,7 @@ impl Model {
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
         self.health_checks
             .iter()
-            .filter_map(|(port, claims)| Some((*port, claims.values().next()?.clone())))
+            .filter_map(|(port, claims)| Some((*port, claims.first()?.clone())))
             .collect()
     }
 

@@ -81,11 +81,11 @@ pub fn tiers(
     let zone_tier = (topology != Topology::None
         && !all.is_empty()
         && all.iter().all(|(_, i)| !i.for_zones.is_empty()))
-    .then(|| set(&|i| zone.is_some_and(|z| i.for_zones.iter().any(|f| f == z))));
+    .then(|| set(&|i| zone.is_some_and(|z| i.for_zones.iter().any(|f| **f == *z))));
     let node_tier = (topology == Topology::SameNode
         && !all.is_empty()
         && all.iter().all(|(_, i)| !i.for_nodes.is_empty()))
-    .then(|| set(&|i| i.for_nodes.contains(&node.name)));
+    .then(|| set(&|i| i.for_nodes.iter().any(|n| **n == *node.name)));
     let tiers = [node_tier, zone_tier, Some(everything)]
         .into_iter()
         .flatten()

@@ -4,13 +4,17 @@
 //! read incrementally ([`FileSource`]) or at once ([`read`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
+    ffi::OsString,
     fmt, fs,
     hash::{Hash, Hasher},
+    os::fd::AsRawFd,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+
+use inotify::{EventMask, Inotify, WatchMask};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -52,13 +56,30 @@ pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 ///
 /// An object defined in two files is a problem; the first file by path
 /// wins, on every node alike.
-#[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
     files: BTreeMap<PathBuf, CachedFile>,
-    /// The files that define each object.
-    defined_in: HashMap<ObjectKey, BTreeSet<PathBuf>>,
+    /// The path of each file id.
+    paths: HashMap<FileId, PathBuf>,
+    next_id: FileId,
+    /// The files that define each object (nearly always one).
+    defined_in: HashMap<ObjectKey, Vec<FileId>>,
+    /// Change notification; without it (the path does not exist yet, or
+    /// went), every scan looks at every file.
+    watcher: Option<Inotify>,
+    /// Something changed since the last scan (or may have: the event queue
+    /// overflowed).
+    dirty: bool,
+    /// The files events named since the last scan: a recent one among them
+    /// is read again even when its identity looks unchanged (rewritten
+    /// within one timestamp tick); the others are trusted.
+    written: HashSet<OsString>,
+    overflowed: bool,
+    last_scan: Option<Instant>,
 }
+
+/// With change notification, the files are looked at anyway this often.
+const RESCAN: Duration = Duration::from_secs(10);
 
 /// An object, by kind and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -78,11 +99,17 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// A manifest file, as the source knows it by: an id of its own (cheaper
+/// than its path in every object's entry).
+type FileId = u32;
+
 #[derive(Debug)]
 struct CachedFile {
+    id: FileId,
     stat: FileStat,
     hash: u64,
-    keys: BTreeSet<ObjectKey>,
+    /// The objects it defines, sorted.
+    keys: Vec<ObjectKey>,
 }
 
 /// What identifies a file's contents without reading them.
@@ -121,6 +148,7 @@ impl FileStat {
 }
 
 /// One file's objects, parsed.
+#[derive(Default)]
 struct ParsedFile {
     objects: BTreeMap<ObjectKey, Change>,
     problems: Vec<Problem>,
@@ -128,10 +156,69 @@ struct ParsedFile {
 
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         Self {
-            path: path.into(),
+            watcher: watch(&path),
+            path,
             files: BTreeMap::new(),
+            paths: HashMap::new(),
+            next_id: 0,
             defined_in: HashMap::new(),
+            dirty: true,
+            written: HashSet::new(),
+            overflowed: false,
+            last_scan: None,
+        }
+    }
+
+    /// Waits up to `timeout` for the manifests to change; returns at once
+    /// when they do.
+    pub fn wait(&mut self, timeout: Duration) {
+        let Some(inotify) = &mut self.watcher else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        let mut poll = libc::pollfd {
+            fd: inotify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as i32) };
+        self.drain();
+    }
+
+    /// Takes in the change events that came, without waiting.
+    fn drain(&mut self) {
+        let Some(inotify) = &mut self.watcher else {
+            return;
+        };
+        let mut buffer = [0u8; 4096];
+        let mut lost = false;
+        while let Ok(events) = inotify.read_events(&mut buffer) {
+            let mut any = false;
+            for event in events {
+                any = true;
+                self.dirty = true;
+                match event.name {
+                    Some(name) => {
+                        self.written.insert(name.to_owned());
+                    }
+                    // The event queue overflowed: any file may have changed.
+                    None => self.overflowed = true,
+                }
+                // The watched directory itself went: look at every file
+                // from now on.
+                lost |= event
+                    .mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED);
+            }
+            if !any {
+                break;
+            }
+        }
+        if lost {
+            self.watcher = None;
         }
     }
 
@@ -140,7 +227,24 @@ impl FileSource {
     }
 
     /// What changed since the last scan (the first returns everything).
+    /// With change notification, only when something changed (or
+    /// [`RESCAN`] passed).
     pub fn scan(&mut self) -> Vec<Change> {
+        self.drain();
+        if self.watcher.is_some()
+            && !self.dirty
+            && self.last_scan.is_some_and(|at| at.elapsed() < RESCAN)
+        {
+            return Vec::new();
+        }
+        if self.watcher.is_none() {
+            // The path may exist by now.
+            self.watcher = watch(&self.path);
+        }
+        self.dirty = false;
+        self.last_scan = Some(Instant::now());
+        let written = std::mem::take(&mut self.written);
+        let overflowed = std::mem::take(&mut self.overflowed);
         let mut changes = Vec::new();
         let listed = match manifest_files(&self.path) {
             Ok(files) => {
@@ -156,7 +260,12 @@ impl FileSource {
         // Files whose contents changed (parsed), or that went (`None`).
         let mut changed: BTreeMap<PathBuf, Option<(FileStat, u64, ParsedFile)>> = BTreeMap::new();
         for file in &listed {
-            let Some((stat, read)) = stat_and_read(file, self.files.get(file)) else {
+            // Without events to go by, every recent file may have changed
+            // within its timestamp tick.
+            let recheck = self.watcher.is_none()
+                || overflowed
+                || file.file_name().is_some_and(|name| written.contains(name));
+            let Some((stat, read)) = stat_and_read(file, self.files.get(file), recheck) else {
                 continue;
             };
             let cached = self.files.get_mut(file);
@@ -187,70 +296,98 @@ impl FileSource {
         }
         // Who defined each touched object before (and whether twice), and
         // who does now.
-        let mut touched: BTreeMap<ObjectKey, (Option<PathBuf>, bool)> = BTreeMap::new();
+        let mut touched: BTreeMap<ObjectKey, (Option<FileId>, bool)> = BTreeMap::new();
+        let mut new_keys_of: BTreeMap<PathBuf, (FileId, Vec<ObjectKey>)> = BTreeMap::new();
         for (file, new) in &changed {
+            let id = self.file_id(file);
             let old_keys = self
                 .files
-                .get(file)
-                .map(|c| c.keys.clone())
+                .get_mut(file)
+                .map(|c| std::mem::take(&mut c.keys))
                 .unwrap_or_default();
-            let new_keys: BTreeSet<ObjectKey> = new
+            let new_keys: Vec<ObjectKey> = new
                 .as_ref()
                 .map(|(_, _, parsed)| parsed.objects.keys().cloned().collect())
                 .unwrap_or_default();
             for key in old_keys.iter().chain(&new_keys) {
-                touched.entry(key.clone()).or_insert_with(|| {
+                if !touched.contains_key(key) {
                     let twice = self.defined_in.get(key).is_some_and(|f| f.len() > 1);
-                    (self.winner(key).cloned(), twice)
-                });
+                    touched.insert(key.clone(), (self.winner(key), twice));
+                }
             }
-            for key in old_keys.difference(&new_keys) {
-                if let Some(files) = self.defined_in.get_mut(key) {
-                    files.remove(file);
+            for key in old_keys {
+                if new_keys.binary_search(&key).is_err()
+                    && let Some(files) = self.defined_in.get_mut(&key)
+                {
+                    files.retain(|f| *f != id);
                     if files.is_empty() {
-                        self.defined_in.remove(key);
+                        self.defined_in.remove(&key);
                     }
                 }
             }
             for key in &new_keys {
-                self.defined_in
-                    .entry(key.clone())
-                    .or_default()
-                    .insert(file.clone());
+                let files = self.defined_in.entry(key.clone()).or_default();
+                if !files.contains(&id) {
+                    files.push(id);
+                }
             }
+            new_keys_of.insert(file.clone(), (id, new_keys));
         }
         for (key, (before, was_twice)) in touched {
-            let now = self.winner(&key).cloned();
+            let now = self.winner(&key);
             let duplicates = self.duplicates(&key);
             if was_twice || !duplicates.is_empty() {
                 changes.push(Change::Problems(format!("{key} defined twice"), duplicates));
             }
-            let object = match &now {
+            let object = match now {
                 None => Some(deleted(&key)),
-                // Its file changed: its object as parsed now.
-                Some(file) if changed.contains_key(file) => changed[file]
-                    .as_ref()
-                    .and_then(|(_, _, parsed)| parsed.objects.get(&key).cloned()),
-                // Another file's definition takes over: read it again.
-                Some(file) if before.as_ref() != Some(file) => reparse(file, &key),
-                Some(_) => None,
+                Some(id) => {
+                    let file = &self.paths[&id];
+                    match changed.get_mut(file) {
+                        // Its file changed: its object as parsed now.
+                        Some(new) => new
+                            .as_mut()
+                            .and_then(|(_, _, parsed)| parsed.objects.remove(&key)),
+                        // Another file's definition takes over: read it again.
+                        None if before != now => reparse(file, &key),
+                        None => None,
+                    }
+                }
             };
             changes.extend(object);
         }
         for (file, new) in changed {
+            let (id, keys) = new_keys_of.remove(&file).unwrap_or_default();
             match new {
                 Some((stat, hash, parsed)) => {
                     changes.push(Change::Problems(origin(&file), parsed.problems));
-                    let keys = parsed.objects.into_keys().collect();
-                    self.files.insert(file, CachedFile { stat, hash, keys });
+                    let cached = CachedFile {
+                        id,
+                        stat,
+                        hash,
+                        keys,
+                    };
+                    self.files.insert(file, cached);
                 }
                 None => {
                     changes.push(Change::Problems(origin(&file), Vec::new()));
                     self.files.remove(&file);
+                    self.paths.remove(&id);
                 }
             }
         }
         changes
+    }
+
+    /// The id of `file`, known or new.
+    fn file_id(&mut self, file: &Path) -> FileId {
+        if let Some(cached) = self.files.get(file) {
+            return cached.id;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.paths.insert(id, file.to_owned());
+        id
     }
 
     fn origin(&self) -> String {
@@ -258,8 +395,9 @@ impl FileSource {
     }
 
     /// The file whose definition of `key` is used: the first by path.
-    fn winner(&self, key: &ObjectKey) -> Option<&PathBuf> {
-        self.defined_in.get(key).and_then(|files| files.first())
+    fn winner(&self, key: &ObjectKey) -> Option<FileId> {
+        let files = self.defined_in.get(key)?;
+        files.iter().copied().min_by_key(|id| &self.paths[id])
     }
 
     /// The problems of `key` being defined in more than one file.
@@ -267,7 +405,9 @@ impl FileSource {
         let Some(files) = self.defined_in.get(key).filter(|f| f.len() > 1) else {
             return Vec::new();
         };
-        let mut files = files.iter();
+        let mut files: Vec<&PathBuf> = files.iter().map(|id| &self.paths[id]).collect();
+        files.sort();
+        let mut files = files.into_iter();
         let winner = files.next().expect("two or more");
         files
             .map(|file| {
@@ -281,6 +421,28 @@ impl FileSource {
     }
 }
 
+/// Change notification for `path`: its directory, or the directory of the
+/// file (a file replaced by a rename is an event there).
+fn watch(path: &Path) -> Option<Inotify> {
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().filter(|p| !p.as_os_str().is_empty())?
+    };
+    let inotify = Inotify::init().ok()?;
+    let mask = WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF;
+    inotify.watches().add(dir, mask).ok()?;
+    Some(inotify)
+}
+
 /// How problems name a file.
 fn origin(path: &Path) -> String {
     path.display().to_string()
@@ -291,12 +453,13 @@ fn origin(path: &Path) -> String {
 fn stat_and_read(
     file: &Path,
     cached: Option<&CachedFile>,
+    recheck_recent: bool,
 ) -> Option<(FileStat, std::io::Result<Vec<u8>>)> {
     let stat = match fs::metadata(file) {
         Ok(meta) => FileStat::of(&meta),
         Err(err) => return Some((FileStat::default(), Err(err))),
     };
-    if cached.is_some_and(|c| c.stat == stat && !stat.is_racy()) {
+    if cached.is_some_and(|c| c.stat == stat && !(recheck_recent && stat.is_racy())) {
         return None;
     }
     Some((stat, fs::read(file)))
@@ -323,94 +486,178 @@ fn reparse(file: &Path, key: &ObjectKey) -> Option<Change> {
     parse_file(file, &text).objects.remove(key)
 }
 
-/// The objects of one file, parsed into the form the model keeps.
+/// The objects of one file, parsed into the form the model keeps (each
+/// document's API object dropped as soon as it is converted).
 fn parse_file(file: &Path, text: &str) -> ParsedFile {
-    let mut snapshot = Snapshot::default();
-    parse_into(&origin(file), text, &mut snapshot);
-    let mut objects = BTreeMap::new();
-    for service in &snapshot.services {
-        let (name, object) = model::parse_service(service);
-        objects.insert(
-            ObjectKey::Service(name.clone()),
-            Change::Service(name, Some(object)),
-        );
+    let parts = parse_documents(
+        &origin(file),
+        text,
+        |name, document, part: &mut ParsedFile| {
+            let mut snapshot = Snapshot::default();
+            parse_document(name, document, &mut snapshot);
+            part.add(snapshot);
+        },
+    );
+    let mut parsed = ParsedFile::default();
+    for part in parts {
+        parsed.objects.extend(part.objects);
+        parsed.problems.extend(part.problems);
     }
-    for slice in &snapshot.endpoint_slices {
-        let (name, object) = model::parse_slice(slice);
-        objects.insert(
-            ObjectKey::Slice(name.clone()),
-            Change::Slice(name, Some(object)),
-        );
-    }
-    for node in &snapshot.nodes {
-        let node = model::Node::from_k8s(node);
-        objects.insert(
-            ObjectKey::Node(node.name.clone()),
-            Change::Node(node.name.clone(), Some(node)),
-        );
-    }
-    ParsedFile {
-        objects,
-        problems: snapshot.problems,
-    }
+    parsed
 }
 
-/// Reads every manifest under `path` into a snapshot. Unreadable files and
-/// documents that don't parse become problems; the rest is kept.
-pub fn read(path: &Path) -> Snapshot {
-    let mut snapshot = Snapshot::default();
-    let files = match manifest_files(path) {
-        Ok(files) => files,
-        Err(err) => {
-            let reason = Invalid::Parse(err.to_string());
-            snapshot
-                .problems
-                .push(Problem::new(path.display().to_string(), reason));
-            return snapshot;
+impl ParsedFile {
+    fn add(&mut self, snapshot: Snapshot) {
+        for service in &snapshot.services {
+            let (name, object) = model::parse_service(service);
+            self.objects.insert(
+                ObjectKey::Service(name.clone()),
+                Change::Service(name, Some(object)),
+            );
         }
-    };
-    for file in files {
-        match fs::read_to_string(&file) {
-            Ok(text) => parse_into(&file.display().to_string(), &text, &mut snapshot),
-            Err(err) => {
-                let reason = Invalid::Parse(err.to_string());
-                snapshot
-                    .problems
-                    .push(Problem::new(file.display().to_string(), reason));
-            }
+        for slice in &snapshot.endpoint_slices {
+            let (name, object) = model::parse_slice(slice);
+            self.objects.insert(
+                ObjectKey::Slice(name.clone()),
+                Change::Slice(name, Some(object)),
+            );
         }
+        for node in &snapshot.nodes {
+            let node = model::Node::from_k8s(node);
+            self.objects.insert(
+                ObjectKey::Node(node.name.clone()),
+                Change::Node(node.name.clone(), Some(node)),
+            );
+        }
+        self.problems.extend(snapshot.problems);
     }
-    snapshot
 }
 
 /// Parses the YAML documents of one file (named `origin` in problems).
 pub fn parse_into(origin: &str, text: &str, snapshot: &mut Snapshot) {
-    for (index, document) in documents(text).into_iter().enumerate() {
-        let name = format!("{origin} document {}", index + 1);
-        match serde_yaml_ng::from_str::<Value>(&document) {
-            Ok(Value::Null) => {}
-            Ok(value) => add_object(&name, value, snapshot),
-            Err(err) => snapshot
-                .problems
-                .push(Problem::new(name, Invalid::Parse(err.to_string()))),
+    for part in parse_documents(origin, text, |name, document, part: &mut Snapshot| {
+        parse_document(name, document, part)
+    }) {
+        snapshot.services.extend(part.services);
+        snapshot.endpoint_slices.extend(part.endpoint_slices);
+        snapshot.nodes.extend(part.nodes);
+        snapshot.problems.extend(part.problems);
+    }
+}
+
+/// Runs `parse` on every document of `text` (with the name problems give
+/// it), into one `T` per run of documents, in order. Documents are
+/// independent: a large file is parsed on every core.
+fn parse_documents<T: Default + Send>(
+    origin: &str,
+    text: &str,
+    parse: impl Fn(&str, &str, &mut T) + Sync,
+) -> Vec<T> {
+    let documents = documents(text);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = documents.len().div_ceil(workers).max(PARALLEL_FROM);
+    let parse = &parse;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = documents
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, docs)| {
+                scope.spawn(move || {
+                    let mut part = T::default();
+                    for (offset, document) in docs.iter().enumerate() {
+                        let name = format!("{origin} document {}", i * chunk + offset + 1);
+                        parse(&name, document, &mut part);
+                    }
+                    part
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// Below this many documents a file is parsed on one thread.
+const PARALLEL_FROM: usize = 256;
+
+/// One document: straight into its type when its top-level `apiVersion`
+/// and `kind` say which (no generic YAML tree); through a tree otherwise
+/// (a `List`, JSON, a layout the quick look does not read).
+fn parse_document(name: &str, document: &str, snapshot: &mut Snapshot) {
+    let typed = match top_level_kind(document) {
+        Some(("v1", "Service")) => {
+            serde_yaml_ng::from_str(document).map(|service| snapshot.services.push(service))
+        }
+        Some(("discovery.k8s.io/v1", "EndpointSlice")) => {
+            serde_yaml_ng::from_str(document).map(|slice| snapshot.endpoint_slices.push(slice))
+        }
+        Some(("v1", "Node")) => {
+            serde_yaml_ng::from_str(document).map(|node| snapshot.nodes.push(node))
+        }
+        Some((_, "List")) | None => {
+            match serde_yaml_ng::from_str::<Value>(document) {
+                Ok(Value::Null) => {}
+                Ok(value) => add_object(name, value, snapshot),
+                Err(err) => snapshot
+                    .problems
+                    .push(Problem::new(name, Invalid::Parse(err.to_string()))),
+            }
+            return;
+        }
+        // Other kinds (Deployments, Pods …) may share the files; not ours.
+        Some(_) => return,
+    };
+    if let Err(err) = typed {
+        let kind = top_level_kind(document).map_or("", |(_, kind)| kind);
+        let object = format!("{name} ({kind})");
+        snapshot
+            .problems
+            .push(Problem::new(object, Invalid::Parse(err.to_string())));
+    }
+}
+
+/// The `apiVersion` and `kind` of a block-style document, read from its
+/// unindented lines; `None` when either is not there.
+fn top_level_kind(document: &str) -> Option<(&str, &str)> {
+    fn value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        let rest = rest.split(" #").next().unwrap_or(rest).trim();
+        let unquoted = rest
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .or_else(|| rest.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')))
+            .unwrap_or(rest);
+        (!unquoted.is_empty()).then_some(unquoted)
+    }
+    let (mut api_version, mut kind) = (None, None);
+    for line in document.lines() {
+        api_version = api_version.or_else(|| value(line, "apiVersion"));
+        kind = kind.or_else(|| value(line, "kind"));
+        if let (Some(api_version), Some(kind)) = (api_version, kind) {
+            return Some((api_version, kind));
         }
     }
+    None
 }
 
 /// Splits a YAML stream at its `---` lines. Done here rather than by the
 /// YAML parser, which stops at the first broken document: one bad document
 /// must not hide the ones after it.
-fn documents(text: &str) -> Vec<String> {
-    let mut documents = vec![String::new()];
-    for line in text.lines() {
-        if line == "---" || line.starts_with("--- ") || line.starts_with("---\t") {
-            documents.push(String::new());
-            continue;
+fn documents(text: &str) -> Vec<&str> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") {
+            documents.push(&text[start..offset]);
+            start = offset + line.len();
         }
-        let current = documents.last_mut().expect("never empty");
-        current.push_str(line);
-        current.push('\n');
+        offset += line.len();
     }
+    documents.push(&text[start..]);
     documents.retain(|d| !d.trim().is_empty());
     documents
 }
@@ -621,6 +868,34 @@ items:
         let tmp = dir.path().join("a.yaml.tmp");
         fs::write(&tmp, svc("x", "10.96.0.1")).unwrap();
         fs::rename(&tmp, &file).unwrap();
+        assert_eq!(objects(&source.scan()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_change_wakes_the_wait_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = FileSource::new(dir.path());
+        assert!(source.watcher.is_some(), "inotify on the directory");
+        source.scan();
+        let writer = {
+            let file = dir.path().join("a.yaml");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                fs::write(file, svc("x", "10.96.0.1")).unwrap();
+            })
+        };
+        let started = Instant::now();
+        source.wait(Duration::from_secs(30));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "woken by the change"
+        );
+        writer.join().unwrap();
+        // The write may come as several events: wait for them all.
+        source.wait(Duration::from_millis(100));
+        assert_eq!(objects(&source.scan()), ["default/x 10.96.0.1"]);
+        // Nothing since: the scan looks at nothing.
+        assert!(!source.dirty);
         assert_eq!(objects(&source.scan()), Vec::<String>::new());
     }
 }

@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use xlb_tests::{
     baseline::{self, BenchService},
-    bench_e2e::{self, Mode, Row},
+    bench_e2e::{self, BACKENDS, Mode, Row},
     cluster::{Cluster, eventually},
     netns::{Netns, run_with_input},
     privilege::has_root,
@@ -27,12 +27,14 @@ struct Args {
     /// A point whose run takes longer than this is not repeated, and its
     /// mode skips the larger scales ("where the mode survives it").
     slow: Duration,
+    modes: Vec<Mode>,
     out: PathBuf,
 }
 
 fn args() -> Result<Args> {
     let mut args = Args {
-        scales: vec![100, 1_000, 10_000, 30_000],
+        scales: vec![100, 1_000, 10_000, 30_000, 50_000],
+        modes: vec![Mode::Xlb, Mode::Iptables, Mode::Nftables],
         repeats: 3,
         slow: Duration::from_secs(60),
         out: PathBuf::from("target/bench/sync.json"),
@@ -48,6 +50,12 @@ fn args() -> Result<Args> {
                     .collect::<Result<_>>()?
             }
             "--repeats" => args.repeats = value()?.parse()?,
+            "--modes" => {
+                args.modes = value()?
+                    .split(',')
+                    .map(Mode::parse)
+                    .collect::<Result<_>>()?
+            }
             "--slow-s" => args.slow = Duration::from_secs(value()?.parse()?),
             "--out" => args.out = value()?.into(),
             other => bail!("unknown argument {other}"),
@@ -70,10 +78,12 @@ struct Sync {
     diff: f64,
     /// Reading the source (for the file source: the YAML).
     read: f64,
+    /// Frontends in the maps after it.
+    frontends: usize,
 }
 
-/// How many syncs the agent logged, and its last one.
-fn last_sync(cluster: &Cluster) -> (usize, Option<Sync>) {
+/// Every sync the agent logged, in order.
+fn syncs(cluster: &Cluster) -> Vec<Sync> {
     let log = cluster.agent_log(0);
     let field = |line: &str, name: &str| -> Option<f64> {
         let value = line.split(&format!(" {name}=")).nth(1)?;
@@ -88,10 +98,28 @@ fn last_sync(cluster: &Cluster) -> (usize, Option<Sync>) {
                 model: field(l, "model_micros")?,
                 diff: field(l, "diff_micros")?,
                 read: field(l, "read_micros")?,
+                frontends: l
+                    .split(" frontends=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?,
             })
         })
         .collect();
-    (syncs.len(), syncs.last().copied())
+    syncs
+}
+
+/// Waits until the agent logged more than `before` syncs, the last with
+/// at least `frontends` frontends; the new ones.
+fn new_syncs(cluster: &Cluster, before: usize, frontends: usize) -> Result<Vec<Sync>> {
+    eventually("the sync is logged", Duration::from_secs(120), || {
+        let all = syncs(cluster);
+        ensure!(all.len() > before, "not yet");
+        ensure!(all[all.len() - 1].frontends >= frontends, "not all yet");
+        Ok(all[before..].to_vec())
+    })
 }
 
 fn rss_mib(pid: u32) -> Result<f64> {
@@ -122,47 +150,57 @@ struct Samples {
     change_model: Vec<f64>,
     change_diff: Vec<f64>,
     change_full: Vec<f64>,
+    /// From writing the change to a connection reaching the endpoint it
+    /// added.
+    visible: Vec<f64>,
     rss: Vec<f64>,
 }
 
+/// Endpoint changes per repeat (alternately one endpoint out and back in).
+const CHANGES: usize = 20;
+
 fn xlb(scale: u32, repeats: usize) -> Result<Samples> {
     let mut s = Samples::default();
+    // The endpoint the changes take out and put back.
+    let moving = BACKENDS[1].0;
     for _ in 0..repeats {
         let (mut cluster, _servers) = bench_e2e::cluster()?;
         let services = bench_e2e::services(&cluster, scale);
         cluster.start_agent(0, &[])?;
-        let (before, _) = last_sync(&cluster);
-        let text = bench_e2e::manifests(&services);
+        let before = syncs(&cluster).len();
+        // The fillers in one large file, the real Service in a small one.
+        let fillers = bench_e2e::filler_manifests(&services);
         let started = Instant::now();
-        cluster.write_manifest("bench.yaml", &text)?;
+        cluster.write_manifest("fillers.yaml", &fillers)?;
+        cluster.write_manifest("real.yaml", &bench_e2e::real_manifest(&services))?;
         bench_e2e::wait_served(&cluster, Duration::from_secs(600))?;
         s.cold.push(ms(started.elapsed()));
-        let cold = eventually(
-            "the sync is logged",
-            Duration::from_secs(60),
-            || match last_sync(&cluster) {
-                (n, Some(sync)) if n > before => Ok(sync),
-                _ => bail!("not yet"),
-            },
-        )?;
-        s.cold_agent.push(cold.total);
-        s.cold_read.push(cold.read);
+        // A frontend per filler, two for the real Service.
+        let cold = new_syncs(&cluster, before, scale as usize + 2)?;
+        s.cold_agent
+            .push(cold.iter().map(|sync| sync.total + sync.read).sum());
+        s.cold_read.push(cold.iter().map(|sync| sync.read).sum());
         s.rss
             .push(rss_mib(cluster.agent_pid(0).context("agent pid")?)?);
-        // One endpoint change, and back.
-        for version in [changed(&services), services.clone()] {
-            let (before, _) = last_sync(&cluster);
-            cluster.write_manifest("bench.yaml", &bench_e2e::manifests(&version))?;
-            let sync =
-                eventually(
-                    "the change is synced",
-                    Duration::from_secs(60),
-                    || match last_sync(&cluster) {
-                        (n, Some(sync)) if n > before => Ok(sync),
-                        _ => bail!("not yet"),
-                    },
-                )?;
-            s.change.push(sync.total);
+        // One endpoint out, then back in, in the small file: the agent's
+        // time (reading the changed file included) for each, and for each
+        // return the time until a new connection reaches it.
+        for i in 0..CHANGES {
+            let back_in = i % 2 == 1;
+            let version = if back_in {
+                services.clone()
+            } else {
+                changed(&services)
+            };
+            let before = syncs(&cluster).len();
+            let started = Instant::now();
+            cluster.write_manifest("real.yaml", &bench_e2e::real_manifest(&version))?;
+            if back_in {
+                bench_e2e::wait_answered_by(&cluster, moving, Duration::from_secs(60))?;
+                s.visible.push(ms(started.elapsed()));
+            }
+            let sync = *new_syncs(&cluster, before, 0)?.last().context("a sync")?;
+            s.change.push(sync.total + sync.read);
             s.change_model.push(sync.model);
             s.change_diff.push(sync.diff);
         }
@@ -224,7 +262,7 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     let mut too_slow = Vec::new();
     for &scale in &args.scales {
-        for mode in [Mode::Xlb, Mode::Iptables, Mode::Nftables] {
+        for &mode in &args.modes {
             if too_slow.contains(&mode) {
                 eprintln!(
                     "{}: {scale} Services skipped (too slow at the last scale)",
@@ -253,9 +291,16 @@ fn main() -> Result<()> {
             add("cold_sync_agent", "ms", &s.cold_agent);
             add("cold_sync_read", "ms", &s.cold_read);
             add("endpoint_change", "ms", &s.change);
+            if !s.change.is_empty() {
+                let mut sorted = s.change.clone();
+                sorted.sort_by(f64::total_cmp);
+                let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
+                add("endpoint_change_p99", "ms", &[p99]);
+            }
             add("endpoint_change_model", "ms", &s.change_model);
             add("endpoint_change_diff", "ms", &s.change_diff);
             add("endpoint_change_full", "ms", &s.change_full);
+            add("endpoint_change_visible", "ms", &s.visible);
             add("agent_rss", "MiB", &s.rss);
         }
     }
