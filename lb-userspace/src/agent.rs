@@ -129,6 +129,9 @@ pub struct Config {
     pub xdp_tx: attach::XdpTx,
     /// Capacity of the conntrack table, in entries (two per flow).
     pub conntrack_max: u32,
+    /// Capacities of the service maps, by map name. A pinned map keeps
+    /// the capacity it was created with.
+    pub map_capacities: Vec<(&'static str, u32)>,
     pub bpffs: PathBuf,
     pub metrics_addr: SocketAddr,
     pub healthz_addr: SocketAddr,
@@ -144,7 +147,12 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     let settings = Settings {
         snat_addr,
-        capacities: vec![(lb_common::maps::CONNTRACK, config.conntrack_max)],
+        capacities: config
+            .map_capacities
+            .iter()
+            .copied()
+            .chain([(lb_common::maps::CONNTRACK, config.conntrack_max)])
+            .collect(),
         ..Settings::default()
     };
     let mut datapath = Datapath::load(&config.bpffs, &settings)?;

@@ -126,6 +126,31 @@ struct AgentArgs {
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX,
           value_parser = clap::value_parser!(u32).range(1024..))]
     conntrack_max: u32,
+    /// Capacity of the frontends map: Service ports on one address each
+    /// (ClusterIP: one; NodePort: two per node address; LoadBalancer and
+    /// external IPs: two each).
+    #[arg(long, default_value_t = lb_common::maps::FRONTENDS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    frontends_max: u32,
+    /// Capacity of the backends map: endpoint address, port and protocol,
+    /// once however many frontends use it (draining ones included).
+    #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    backends_max: u32,
+    /// Capacity of the slots map: a backend in one frontend's tier.
+    #[arg(long, default_value_t = lb_common::maps::SLOTS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    slots_max: u32,
+    /// Capacity of the map of addresses only Services use (ClusterIPs,
+    /// LoadBalancer and external IPs).
+    #[arg(long, default_value_t = lb_common::maps::SERVICE_ADDRS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    service_addrs_max: u32,
+    /// Capacity of the ClientIP affinity table (an entry per client and
+    /// frontend with affinity; least recently used go first).
+    #[arg(long, default_value_t = lb_common::maps::AFFINITY_MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    affinity_max: u32,
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
@@ -251,6 +276,13 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             XdpTxSetting::Off => attach::XdpTx::Off,
         },
         conntrack_max: args.conntrack_max,
+        map_capacities: vec![
+            (lb_common::maps::FRONTENDS, args.frontends_max),
+            (lb_common::maps::BACKENDS, args.backends_max),
+            (lb_common::maps::SLOTS, args.slots_max),
+            (lb_common::maps::SERVICE_ADDRS, args.service_addrs_max),
+            (lb_common::maps::AFFINITY, args.affinity_max),
+        ],
         bpffs: args.bpffs,
         metrics_addr: args.metrics_addr,
         healthz_addr: args.healthz_addr,

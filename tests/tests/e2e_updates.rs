@@ -11,7 +11,7 @@ use anyhow::ensure;
 use xlb_tests::{
     cluster::eventually,
     echo::tcp_request,
-    manifests::{Port, documents, service},
+    manifests::{Endpoint, Port, documents, endpoint_slice, service},
     require_root,
     scenario::{self, frontend},
 };
@@ -169,4 +169,56 @@ fn bad_input_is_skipped_counted_and_never_breaks_other_services() {
             "{object} logged once:\n{log}"
         );
     }
+}
+
+/// With a backends map of 8 entries (`--backends-max`), the sample Service
+/// (6 backends: 3 endpoints, TCP and UDP) fits and a second one with 10
+/// does not: that one is reported on its Service, once, and the sample
+/// Service keeps serving.
+#[test]
+fn a_service_that_does_not_fit_is_reported_and_the_others_serve() {
+    require_root!();
+    let mut cluster = scenario::cluster().unwrap();
+    cluster
+        .write_manifest(
+            "sample.yaml",
+            &scenario::manifests(&cluster, &["web-0", "web-1", "web-2"]),
+        )
+        .unwrap();
+    // After the sample Service in frontend order (a higher ClusterIP).
+    let endpoints: Vec<Endpoint> = (1..=10)
+        .map(|i| Endpoint::ready(format!("10.250.0.{i}").parse().unwrap(), "node2"))
+        .collect();
+    let big = documents(&[
+        service(
+            "big",
+            "10.96.0.200".parse().unwrap(),
+            &[Port::tcp("", 80)],
+            &["80"],
+        ),
+        endpoint_slice("big", "big-1", &[Port::tcp("", 80)], &endpoints),
+    ]);
+    cluster.write_manifest("big.yaml", &big).unwrap();
+    cluster.start_agent(0, &["--backends-max", "8"]).unwrap();
+    let log = eventually(
+        "the Service that does not fit is reported",
+        Duration::from_secs(5),
+        || {
+            let log = cluster.agent_log(0);
+            ensure!(log.contains("Service default/big"), "{log}");
+            Ok(log)
+        },
+    )
+    .unwrap();
+    assert!(log.contains("reason=\"capacity\""), "{log}");
+    let backends = answering(&cluster, 30).unwrap();
+    assert_eq!(backends.len(), 3, "{backends:?}");
+    // Retried with backoff, reported once.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = cluster.agent_log(0);
+    let reports = log
+        .lines()
+        .filter(|l| l.contains("skipped") && l.contains("Service default/big"))
+        .count();
+    assert_eq!(reports, 1, "{log}");
 }

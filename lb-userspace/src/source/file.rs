@@ -557,24 +557,32 @@ fn parse_documents<T: Default + Send>(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = documents.len().div_ceil(workers).max(PARALLEL_FROM);
     let parse = &parse;
+    let run = |first: usize, docs: &[&str]| {
+        let mut part = T::default();
+        for (offset, document) in docs.iter().enumerate() {
+            let name = format!("{origin} document {}", first + offset + 1);
+            parse(&name, document, &mut part);
+        }
+        part
+    };
+    if documents.len() <= chunk {
+        // One run: no thread to start.
+        return vec![run(0, &documents)];
+    }
     std::thread::scope(|scope| {
         let handles: Vec<_> = documents
             .chunks(chunk)
             .enumerate()
-            .map(|(i, docs)| {
-                scope.spawn(move || {
-                    let mut part = T::default();
-                    for (offset, document) in docs.iter().enumerate() {
-                        let name = format!("{origin} document {}", i * chunk + offset + 1);
-                        parse(&name, document, &mut part);
-                    }
-                    part
-                })
-            })
+            .map(|(i, docs)| scope.spawn(move || run(i * chunk, docs)))
             .collect();
         handles
             .into_iter()
-            .map(|handle| handle.join().unwrap_or_default())
+            // A parser that panicked must not pass for a file without objects.
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     })
 }
