@@ -247,6 +247,10 @@ pub fn run(config: Config) -> Result<(), Error> {
             }
             next_check = Instant::now() + jittered(FULL_CHECK);
             Scope::Check
+        } else if !synced_once {
+            // The first sync compares everything: Services deleted while
+            // the agent was away are still in the pinned maps.
+            Scope::Full
         } else if retry_due {
             Scope::Retry
         } else {

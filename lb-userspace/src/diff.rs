@@ -201,6 +201,12 @@ impl Wanted for Desired {
     }
 }
 
+/// The Service object a `namespace/name:port` names, as problems name it.
+pub fn service_object(service_port: &str) -> String {
+    let service = service_port.split(':').next().unwrap_or(service_port);
+    format!("Service {service}")
+}
+
 /// A frontend that could not be programmed, and why.
 pub type CapacityProblem = (FrontendAddr, Problem);
 
@@ -302,7 +308,10 @@ impl<'a> Planner<'a> {
         {
             // What it serves now stays, whole.
             let what = format!("{addr} has more backends than a frontend holds");
-            let problem = Problem::new(&frontend.service_port, Invalid::Capacity(what));
+            let problem = Problem::new(
+                service_object(&frontend.service_port),
+                Invalid::Capacity(what),
+            );
             self.problems.push((*addr, problem));
             return;
         }
@@ -721,6 +730,24 @@ mod tests {
         let draining = |b: &&Backend| b.flags & backend_flags::DRAINING != 0;
         assert_eq!(state.backends.values().filter(|b| !draining(b)).count(), 4);
         assert_eq!(state.backends.values().filter(draining).count(), 2);
+    }
+
+    #[test]
+    fn a_new_frontend_never_takes_the_id_of_stray_slots() {
+        // Slots a unit wrote before its frontend entry failed (or a crash).
+        let mut state = State::default();
+        let stray = SlotKey {
+            frontend_id: 1,
+            slot: 0,
+        };
+        state.slots.insert(stray, 7);
+        let desired = cluster(1, 2);
+        let (ops, _) = diff(&desired, &state);
+        apply(&mut state, &ops);
+        let f = *state.frontends.values().next().unwrap();
+        assert!(f.id > 1, "{f:?}");
+        assert_eq!(state.slots_of(&f).len(), 2);
+        assert!(!state.slots.contains_key(&stray), "the stray slot goes");
     }
 
     #[test]

@@ -125,10 +125,15 @@ impl Mirror {
             .keys()
             .copied()
             .fold(state.max_backend_id_in_use, u32::max);
+        // Slots and source ranges left by a unit that never wrote its
+        // frontend entry (a failed write, a crash) name ids too: a new
+        // frontend must not inherit them.
         state.max_frontend_id_in_use = state
             .frontends
             .values()
             .map(|f| f.id)
+            .chain(state.slots.keys().map(|key| key.frontend_id))
+            .chain(state.source_ranges.iter().map(|(key, _)| key.frontend_id))
             .fold(state.max_frontend_id_in_use, u32::max);
         let mut mirror = Self::default();
         for id in state.slots.values() {
@@ -229,6 +234,7 @@ impl Mirror {
                 if let Some(old) = self.state.slots.get(&key).copied() {
                     self.unref(old);
                 }
+                self.id_in_use(key.frontend_id);
                 *self.slot_refs.entry(id).or_default() += 1;
                 self.unslotted.remove(&id);
             }
@@ -237,9 +243,16 @@ impl Mirror {
                     self.unref(old);
                 }
             }
+            Op::PutSourceRange((key, _)) => self.id_in_use(key.frontend_id),
             _ => {}
         }
         self.state.apply(op);
+    }
+
+    /// A frontend id written to the maps, frontend entry or not.
+    fn id_in_use(&mut self, id: u32) {
+        let max = &mut self.state.max_frontend_id_in_use;
+        *max = (*max).max(id);
     }
 
     /// One slot less holds backend `id`.

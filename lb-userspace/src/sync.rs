@@ -84,17 +84,16 @@ pub struct SyncReport {
 pub enum Scope {
     /// What changed since the last sync.
     Changed,
-    /// Everything, after failed writes: what it writes is the retry.
+    /// What failed before, again: the frontends whose unit failed, and
+    /// everything at the first retry and when a write outside any unit
+    /// failed.
     Retry,
+    /// Everything, at the first sync: the maps may hold what no longer
+    /// exists.
+    Full,
     /// Everything, periodically: what it writes beyond the changes is
     /// drift.
     Check,
-}
-
-/// The Service object a `namespace/name:port` names, as problems name it.
-fn service_of(service_port: &str) -> String {
-    let service = service_port.split(':').next().unwrap_or(service_port);
-    format!("Service {service}")
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -173,8 +172,25 @@ impl<D: Dataplane> Syncer<D> {
     /// everything.
     pub fn sync(&mut self, scope: Scope) -> SyncReport {
         let started = Instant::now();
-        let changes = self.model.update();
+        let mut changes = self.model.update();
         let model_duration = started.elapsed();
+        // A retry plans again what did not go through: the frontends whose
+        // unit failed; everything at the first retry after failed writes,
+        // and whenever a write outside any unit failed. (Not every retry:
+        // while a map stays full they come every second.)
+        let full = match scope {
+            Scope::Changed => false,
+            Scope::Retry => {
+                !self.datapath_problems.is_empty()
+                    || self
+                        .retry
+                        .is_some_and(|(_, backoff)| backoff == RETRY_FIRST)
+            }
+            Scope::Full | Scope::Check => true,
+        };
+        if scope == Scope::Retry {
+            changes.frontends.extend(self.unprogrammed.keys().copied());
+        }
         let (plan, unprogrammed) = diff::plan(&self.model, &changes, &self.mirror);
         for addr in &changes.frontends {
             self.unprogrammed.remove(addr);
@@ -183,15 +199,16 @@ impl<D: Dataplane> Syncer<D> {
             model_duration,
             ..SyncReport::default()
         };
-        self.apply(&plan, unprogrammed, &mut report);
-        if scope != Scope::Changed {
+        let mut datapath_problems = BTreeSet::new();
+        self.apply(&plan, unprogrammed, &mut report, &mut datapath_problems);
+        if full {
             // Everything else is as the record says, or the record is off.
             self.unprogrammed.clear();
             let (full, unprogrammed) = diff::full_plan(&self.model, &self.mirror);
-            let before = report.writes + report.failed_writes;
-            self.apply(&full, unprogrammed, &mut report);
+            let before = report.writes;
+            self.apply(&full, unprogrammed, &mut report, &mut datapath_problems);
             if scope == Scope::Check {
-                report.drift = report.writes + report.failed_writes - before;
+                report.drift = report.writes - before;
             }
         }
         report.diff_duration = started.elapsed() - model_duration;
@@ -211,6 +228,18 @@ impl<D: Dataplane> Syncer<D> {
                 .cloned(),
         );
         self.reported_unprogrammed = unprogrammed;
+        // Failed writes outside any unit are known until a full pass goes
+        // through without them.
+        report.new_problems.extend(
+            datapath_problems
+                .difference(&self.datapath_problems)
+                .cloned(),
+        );
+        if full {
+            self.datapath_problems = datapath_problems;
+        } else {
+            self.datapath_problems.extend(datapath_problems);
+        }
         report.new_problems.sort();
         report.new_problems.dedup();
         report.frontends = self.mirror.state().frontends.len();
@@ -221,70 +250,79 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     /// Applies a plan: the service addresses, each frontend's unit, the
-    /// cleanup (held back for frontends whose unit failed), then the drains
-    /// and affinity entries it leads to.
+    /// cleanup (held back for frontends whose unit or whose deletion
+    /// failed), then the drains and affinity entries it leads to.
     fn apply(
         &mut self,
         plan: &Plan,
         unprogrammed: Vec<diff::CapacityProblem>,
         report: &mut SyncReport,
+        problems: &mut BTreeSet<Problem>,
     ) {
         let forget = affinity_to_forget(&plan.ops(), self.mirror.state());
-        let mut datapath_problems = BTreeSet::new();
-        let mut failed_frontends = BTreeSet::new();
+        let mut held = BTreeSet::new();
         self.unprogrammed.extend(unprogrammed);
-        self.write_all(&plan.service_addrs, report, &mut datapath_problems);
+        self.write_all(&plan.service_addrs, report, problems);
         for unit in &plan.frontends {
             let (done, failure) = self.apply_unit(&unit.writes);
             report.writes += done;
             if let Some(err) = failure {
                 report.failed_writes += 1;
-                failed_frontends.insert(unit.frontend_id);
+                held.insert(unit.frontend_id);
                 let problem = Problem::new(
-                    service_of(&unit.service_port),
+                    diff::service_object(&unit.service_port),
                     Invalid::Capacity(format!("{}: {err}", unit.service_port)),
                 );
                 self.unprogrammed.insert(unit.addr, problem);
             }
         }
         // A frontend whose unit failed keeps its slots and ranges as they
-        // are; the backends no slot holds any more drain.
-        let cleanup: Vec<Op> = plan
-            .cleanup
-            .iter()
-            .filter(|op| match op {
-                Op::DeleteSlot(key) => !failed_frontends.contains(&key.frontend_id),
-                Op::DeleteSourceRange((key, _)) => !failed_frontends.contains(&key.frontend_id),
-                _ => true,
-            })
-            .copied()
-            .collect();
-        self.write_all(&cleanup, report, &mut datapath_problems);
+        // are, and so does one whose entry could not be deleted (it still
+        // points at them); the backends no slot holds any more drain.
+        for op in &plan.cleanup {
+            let id = match op {
+                Op::DeleteSlot(key) => Some(key.frontend_id),
+                Op::DeleteSourceRange((key, _)) => Some(key.frontend_id),
+                _ => None,
+            };
+            if id.is_some_and(|id| held.contains(&id)) {
+                continue;
+            }
+            let deleting = match op {
+                Op::DeleteFrontend(key) => self.mirror.state().frontends.get(key).map(|f| f.id),
+                _ => None,
+            };
+            if !self.write_all(std::slice::from_ref(op), report, problems) {
+                held.extend(deleting);
+            }
+        }
         let drains = drains(&self.mirror);
-        self.write_all(&drains, report, &mut datapath_problems);
+        self.write_all(&drains, report, problems);
         if !forget.is_empty()
             && let Err(err) = self.dataplane.forget_affinity(&forget)
         {
             report.failed_writes += 1;
-            datapath_problems.insert(Problem::new(
+            problems.insert(Problem::new(
                 "affinity entries",
                 Invalid::Capacity(err.to_string()),
             ));
         }
-        report.new_problems.extend(
-            datapath_problems
-                .difference(&self.datapath_problems)
-                .cloned(),
-        );
-        self.datapath_problems = datapath_problems;
     }
 
-    /// Applies `ops` one by one, each failure a problem.
-    fn write_all(&mut self, ops: &[Op], report: &mut SyncReport, problems: &mut BTreeSet<Problem>) {
+    /// Applies `ops` one by one, each failure a problem; whether all went
+    /// through.
+    fn write_all(
+        &mut self,
+        ops: &[Op],
+        report: &mut SyncReport,
+        problems: &mut BTreeSet<Problem>,
+    ) -> bool {
+        let mut all = true;
         for op in ops {
             match self.write(op) {
                 Ok(()) => report.writes += 1,
                 Err(err) => {
+                    all = false;
                     report.failed_writes += 1;
                     problems.insert(Problem::new(
                         "xlb datapath",
@@ -293,6 +331,7 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
+        all
     }
 
     /// Applies one frontend's writes until one fails; a slot is never
@@ -774,6 +813,33 @@ mod failures {
         assert_eq!(report.failed_writes, 2);
         let state = &syncer.dataplane().state;
         assert!(state.frontends.is_empty(), "{state:?}");
+        assert!(state.slots.is_empty(), "{state:?}");
+    }
+
+    #[test]
+    fn a_frontend_whose_deletion_failed_keeps_its_slots() {
+        let node = Node::default();
+        let mut syncer = flaky(|_| false);
+        syncer.sync_snapshot(&snapshot(&["10.244.2.1"]), &node);
+        // b goes, and its entry cannot be deleted: it still points at its
+        // slots, which must stay.
+        syncer.dataplane.fails = |op| matches!(op, Op::DeleteFrontend(..));
+        // (a without its slice, so it keeps no slot either.)
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let mut only_a = Snapshot::default();
+        parse_into("test", text, &mut only_a);
+        let report = syncer.sync_snapshot(&only_a, &node);
+        assert_eq!(report.failed_writes, 1);
+        let state = &syncer.dataplane().state;
+        assert_eq!(
+            served(state, [10, 96, 0, 2]),
+            ["10.244.2.1".parse::<Ipv4Addr>().unwrap()]
+        );
+        // Once the map lets go, a retry finishes the job.
+        syncer.dataplane.fails = |_| false;
+        assert_eq!(syncer.sync(Scope::Retry).failed_writes, 0);
+        let state = &syncer.dataplane().state;
+        assert_eq!(state.frontends.len(), 1, "a's alone: {state:?}");
         assert!(state.slots.is_empty(), "{state:?}");
     }
 

@@ -36,13 +36,11 @@ pub struct Changes {
     /// Addresses that became, or stopped being, addresses only Services
     /// use.
     pub service_addrs: BTreeSet<Ipv4Addr>,
-    /// The healthCheckNodePorts to serve changed.
-    pub health_checks: bool,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.service_addrs.is_empty() && !self.health_checks
+        self.frontends.is_empty() && self.service_addrs.is_empty()
     }
 }
 
@@ -341,7 +339,6 @@ impl Model {
             self.conflicts(addr);
         }
         for port in touched_checks {
-            changes.health_checks = true;
             self.health_check_conflicts(port);
         }
         changes

@@ -29,9 +29,10 @@ use crate::{
 };
 
 /// The manifest files under `path`: the file itself, or the `*.yaml`,
-/// `*.yml` and `*.json` files of a directory (not recursive), sorted.
+/// `*.yml` and `*.json` files of a directory (not recursive), sorted; an
+/// error when `path` is not there.
 pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
-    if !path.is_dir() {
+    if !fs::metadata(path)?.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
     let mut files: Vec<PathBuf> = fs::read_dir(path)?
@@ -67,6 +68,8 @@ pub struct FileSource {
     /// Change notification; without it (the path does not exist yet, or
     /// went), every scan looks at every file.
     watcher: Option<Inotify>,
+    /// The directory `watcher` watches.
+    watched: Option<PathBuf>,
     /// Something changed since the last scan (or may have: the event queue
     /// overflowed).
     dirty: bool,
@@ -75,6 +78,8 @@ pub struct FileSource {
     /// within one timestamp tick); the others are trusted.
     written: HashSet<OsString>,
     overflowed: bool,
+    /// What listing the path last found wrong (`None`: not listed yet).
+    listing_problems: Option<Vec<Problem>>,
     last_scan: Option<Instant>,
 }
 
@@ -157,8 +162,10 @@ struct ParsedFile {
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
+        let watched = watched_dir(&path);
         Self {
-            watcher: watch(&path),
+            watcher: watched.as_deref().and_then(watch),
+            watched,
             path,
             files: BTreeMap::new(),
             paths: HashMap::new(),
@@ -167,6 +174,7 @@ impl FileSource {
             dirty: true,
             written: HashSet::new(),
             overflowed: false,
+            listing_problems: None,
             last_scan: None,
         }
     }
@@ -207,8 +215,8 @@ impl FileSource {
                     // The event queue overflowed: any file may have changed.
                     None => self.overflowed = true,
                 }
-                // The watched directory itself went: look at every file
-                // from now on.
+                // The watched directory itself went: the next scan watches
+                // what is there then.
                 lost |= event
                     .mask
                     .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED);
@@ -219,6 +227,7 @@ impl FileSource {
         }
         if lost {
             self.watcher = None;
+            self.watched = None;
         }
     }
 
@@ -230,6 +239,14 @@ impl FileSource {
     /// With change notification, only when something changed (or
     /// [`RESCAN`] passed).
     pub fn scan(&mut self) -> Vec<Change> {
+        // The directory to watch may have come, gone or changed (the path
+        // created, or removed and created again, since the last scan).
+        let dir = watched_dir(&self.path);
+        if dir != self.watched {
+            self.watcher = dir.as_deref().and_then(watch);
+            self.watched = dir.filter(|_| self.watcher.is_some());
+            self.dirty = true;
+        }
         self.drain();
         if self.watcher.is_some()
             && !self.dirty
@@ -237,25 +254,29 @@ impl FileSource {
         {
             return Vec::new();
         }
-        if self.watcher.is_none() {
-            // The path may exist by now.
-            self.watcher = watch(&self.path);
-        }
         self.dirty = false;
         self.last_scan = Some(Instant::now());
         let written = std::mem::take(&mut self.written);
         let overflowed = std::mem::take(&mut self.overflowed);
         let mut changes = Vec::new();
-        let listed = match manifest_files(&self.path) {
-            Ok(files) => {
-                changes.push(Change::Problems(self.origin(), Vec::new()));
-                files
-            }
+        // What cannot be listed (gone, unreadable) keeps what it defined:
+        // the last good state is served through an error, as the kube
+        // source does.
+        let (listed, listing_problems) = match manifest_files(&self.path) {
+            Ok(files) => (Some(files), Vec::new()),
             Err(err) => {
                 let problem = Problem::new(self.origin(), Invalid::Parse(err.to_string()));
-                changes.push(Change::Problems(self.origin(), vec![problem]));
-                Vec::new()
+                (None, vec![problem])
             }
+        };
+        // Told when it changes only: a scan that finds nothing new says
+        // nothing.
+        if self.listing_problems.as_ref() != Some(&listing_problems) {
+            changes.push(Change::Problems(self.origin(), listing_problems.clone()));
+            self.listing_problems = Some(listing_problems);
+        }
+        let Some(listed) = listed else {
+            return changes;
         };
         // Files whose contents changed (parsed), or that went (`None`).
         let mut changed: BTreeMap<PathBuf, Option<(FileStat, u64, ParsedFile)>> = BTreeMap::new();
@@ -278,17 +299,22 @@ impl FileSource {
                     }
                     (hash, parse_file(file, &String::from_utf8_lossy(&bytes)))
                 }
+                // Gone since the listing: the next scan sees it gone.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                // Unreadable: what it defined stays, and it is read again
+                // at the next scan.
                 Err(err) => {
                     let problem = Problem::new(origin(file), Invalid::Parse(err.to_string()));
-                    let parsed = ParsedFile {
-                        objects: BTreeMap::new(),
-                        problems: vec![problem],
-                    };
-                    (0, parsed)
+                    changes.push(Change::Problems(origin(file), vec![problem]));
+                    if let Some(cached) = cached {
+                        cached.stat = FileStat::default();
+                    }
+                    continue;
                 }
             };
             changed.insert(file.clone(), Some((stat, hash, parsed)));
         }
+        let listed: HashSet<&PathBuf> = listed.iter().collect();
         for file in self.files.keys() {
             if !listed.contains(file) {
                 changed.insert(file.clone(), None);
@@ -333,6 +359,9 @@ impl FileSource {
             }
             new_keys_of.insert(file.clone(), (id, new_keys));
         }
+        // Files whose definitions take over while they did not change: each
+        // read again once.
+        let mut reparsed: HashMap<FileId, ParsedFile> = HashMap::new();
         for (key, (before, was_twice)) in touched {
             let now = self.winner(&key);
             let duplicates = self.duplicates(&key);
@@ -349,7 +378,11 @@ impl FileSource {
                             .as_mut()
                             .and_then(|(_, _, parsed)| parsed.objects.remove(&key)),
                         // Another file's definition takes over: read it again.
-                        None if before != now => reparse(file, &key),
+                        None if before != now => reparsed
+                            .entry(id)
+                            .or_insert_with(|| reparse(file))
+                            .objects
+                            .remove(&key),
                         None => None,
                     }
                 }
@@ -421,14 +454,18 @@ impl FileSource {
     }
 }
 
-/// Change notification for `path`: its directory, or the directory of the
+/// The directory to watch for `path`: itself, or the directory of the
 /// file (a file replaced by a rename is an event there).
-fn watch(path: &Path) -> Option<Inotify> {
-    let dir = if path.is_dir() {
-        path
-    } else {
-        path.parent().filter(|p| !p.as_os_str().is_empty())?
-    };
+fn watched_dir(path: &Path) -> Option<PathBuf> {
+    if path.is_dir() {
+        return Some(path.to_owned());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    parent.is_dir().then(|| parent.to_owned())
+}
+
+/// Change notification for directory `dir`.
+fn watch(dir: &Path) -> Option<Inotify> {
     let inotify = Inotify::init().ok()?;
     let mask = WatchMask::CREATE
         | WatchMask::DELETE
@@ -457,6 +494,7 @@ fn stat_and_read(
 ) -> Option<(FileStat, std::io::Result<Vec<u8>>)> {
     let stat = match fs::metadata(file) {
         Ok(meta) => FileStat::of(&meta),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
         Err(err) => return Some((FileStat::default(), Err(err))),
     };
     if cached.is_some_and(|c| c.stat == stat && !(recheck_recent && stat.is_racy())) {
@@ -480,10 +518,10 @@ fn deleted(key: &ObjectKey) -> Change {
     }
 }
 
-/// `key` as `file` defines it now.
-fn reparse(file: &Path, key: &ObjectKey) -> Option<Change> {
-    let text = fs::read_to_string(file).ok()?;
-    parse_file(file, &text).objects.remove(key)
+/// `file`'s objects as it defines them now.
+fn reparse(file: &Path) -> ParsedFile {
+    let text = fs::read_to_string(file).unwrap_or_default();
+    parse_file(file, &text)
 }
 
 /// The objects of one file, parsed into the form the model keeps (each
@@ -800,11 +838,7 @@ items:
             objects(&source.scan()),
             ["default/x 10.96.0.1", "default/y 10.96.0.2"]
         );
-        assert_eq!(
-            objects(&source.scan()),
-            Vec::<String>::new(),
-            "nothing changed"
-        );
+        assert_eq!(source.scan(), vec![], "nothing changed, nothing said");
         // y moves to b.yaml in one step: changed (unchanged here), not
         // deleted; x changes.
         fs::write(&a, svc("x", "10.96.0.3")).unwrap();
@@ -905,5 +939,36 @@ items:
         // Nothing since: the scan looks at nothing.
         assert!(!source.dirty);
         assert_eq!(objects(&source.scan()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_unreadable_file_or_directory_keeps_what_it_defined() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifests = dir.path().join("manifests");
+        fs::create_dir(&manifests).unwrap();
+        let a = manifests.join("a.yaml");
+        fs::write(&a, svc("x", "10.96.0.1")).unwrap();
+        let mut source = FileSource::new(&manifests);
+        assert_eq!(objects(&source.scan()), ["default/x 10.96.0.1"]);
+        // a.yaml cannot be read (a directory now): x stays, told once.
+        fs::remove_file(&a).unwrap();
+        fs::create_dir(&a).unwrap();
+        let changes = source.scan();
+        assert_eq!(objects(&changes), Vec::<String>::new());
+        assert_eq!(problems(&changes).len(), 1, "{changes:?}");
+        // Readable again: the file is read again.
+        fs::remove_dir(&a).unwrap();
+        fs::write(&a, svc("x", "10.96.0.2")).unwrap();
+        assert_eq!(objects(&source.scan()), ["default/x 10.96.0.2"]);
+        // The directory goes: nothing is deleted, the listing is a
+        // problem; back, it is watched and read again.
+        fs::remove_dir_all(&manifests).unwrap();
+        let changes = source.scan();
+        assert_eq!(objects(&changes), Vec::<String>::new());
+        assert_eq!(problems(&changes).len(), 1, "{changes:?}");
+        fs::create_dir(&manifests).unwrap();
+        fs::write(&a, svc("x", "10.96.0.3")).unwrap();
+        assert_eq!(objects(&source.scan()), ["default/x 10.96.0.3"]);
+        assert!(source.watcher.is_some(), "the new directory is watched");
     }
 }

@@ -291,7 +291,8 @@ fn main() -> Result<()> {
             add("cold_sync_agent", "ms", &s.cold_agent);
             add("cold_sync_read", "ms", &s.cold_read);
             add("endpoint_change", "ms", &s.change);
-            if !s.change.is_empty() {
+            // Only xlb's changes are many enough for a percentile.
+            if mode == Mode::Xlb && !s.change.is_empty() {
                 let mut sorted = s.change.clone();
                 sorted.sort_by(f64::total_cmp);
                 let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
