@@ -100,8 +100,9 @@ const CONNTRACK_WALK: Duration = Duration::from_secs(1);
 /// once.
 const FULL_CHECK: Duration = Duration::from_secs(300);
 const FULL_CHECK_JITTER: Duration = Duration::from_secs(30);
-/// After a sync of this many changes (a cold start, a re-list), freed
-/// memory is returned to the system.
+/// After the first sync (loading the datapath and the first read are
+/// behind it) and after a sync of this many changes (a re-list, a large
+/// manifest written), freed memory is returned to the system.
 const RETURN_MEMORY_AFTER: usize = 1000;
 /// How often interfaces whose attachment failed are tried again.
 const RETRY_INTERFACES: Duration = Duration::from_secs(60);
@@ -258,11 +259,11 @@ pub fn run(config: Config) -> Result<(), Error> {
         };
         let report = syncer.sync(scope);
         pending = false;
-        if changed >= RETURN_MEMORY_AFTER {
-            // Parsing many objects leaves freed memory in the allocator's
-            // arenas; give it back to the system.
-            // SAFETY: a glibc call without pointers.
-            unsafe { libc::malloc_trim(0) };
+        if !synced_once || changed >= RETURN_MEMORY_AFTER {
+            // Parsing many objects leaves freed memory with the allocator
+            // (mimalloc, see main.rs); give it back to the system now.
+            // SAFETY: a call without pointers.
+            unsafe { libmimalloc_sys::mi_collect(true) };
         }
         synced_once = true;
         health_checks.sync(&report.health_checks, &syncer.model().node().ips);

@@ -1,15 +1,11 @@
 //! EndpointSlices: validated one by one, and resolved per Service port.
 
-use std::{
-    collections::HashSet,
-    net::Ipv4Addr,
-    sync::{Arc, LazyLock, Mutex},
-};
+use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    Endpoint, ObjectName, Protocol,
+    Endpoint, ObjectName, Protocol, intern,
     service::{ServicePort, valid_port},
 };
 use crate::problem::{Invalid, Problem};
@@ -39,18 +35,6 @@ pub struct EndpointInfo {
     pub zone: Option<Arc<str>>,
     pub for_zones: Box<[Arc<str>]>,
     pub for_nodes: Box<[Arc<str>]>,
-}
-
-/// The shared copy of a node or zone name.
-fn intern(name: &str) -> Arc<str> {
-    static NAMES: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
-    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(shared) = names.get(name) {
-        return shared.clone();
-    }
-    let shared: Arc<str> = Arc::from(name);
-    names.insert(shared.clone());
-    shared
 }
 
 /// A slice, validated.

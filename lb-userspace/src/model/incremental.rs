@@ -201,7 +201,7 @@ impl Model {
             slice
                 .service
                 .as_ref()
-                .map(|service| ObjectName::new(name.namespace.clone(), service.clone()))
+                .map(|service| ObjectName::new(&name.namespace, service.clone()))
         };
         // A slice that moves between Services changes both.
         if let Some(service) = old.as_ref().and_then(service_of) {
@@ -355,11 +355,11 @@ impl Model {
             .into_iter()
             .flatten()
             .filter_map(|slice| {
-                let key = ObjectName::new(name.namespace.clone(), slice.clone());
+                let key = ObjectName::new(&name.namespace, slice.clone());
                 self.slices.get(&key)?.slice.as_ref()
             })
             .collect();
-        service_frontends(service, &slices, &self.node)
+        service_frontends(name, service, &slices, &self.node)
     }
 
     fn claim(&mut self, addr: FrontendAddr, name: &ObjectName, frontend: Arc<DesiredFrontend>) {

@@ -15,10 +15,10 @@ mod policy;
 mod service;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt,
     net::Ipv4Addr,
-    sync::Arc,
+    sync::{Arc, LazyLock, Mutex},
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -33,16 +33,17 @@ use crate::{problem::Problem, source::Snapshot};
 /// A namespaced object's name. A manifest without a namespace means
 /// `default`, as `kubectl apply` reads it; objects from the API server
 /// always carry theirs.
+/// The namespace is shared between the names (a cluster has few).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectName {
-    pub namespace: String,
+    pub namespace: Arc<str>,
     pub name: String,
 }
 
 impl ObjectName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: &str, name: impl Into<String>) -> Self {
         Self {
-            namespace: namespace.into(),
+            namespace: intern(namespace),
             name: name.into(),
         }
     }
@@ -54,6 +55,19 @@ impl ObjectName {
             meta.name.as_deref().unwrap_or_default(),
         )
     }
+}
+
+/// The shared copy of a name many objects carry (a namespace, a node, a
+/// zone): hundreds of thousands of them cost no string each.
+pub(crate) fn intern(name: &str) -> Arc<str> {
+    static NAMES: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shared) = names.get(name) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(name);
+    names.insert(shared.clone());
+    shared
 }
 
 impl fmt::Display for ObjectName {
@@ -238,9 +252,10 @@ pub struct ServiceFrontends {
     pub local_endpoints: BTreeSet<Ipv4Addr>,
 }
 
-/// The frontends of one Service on `node`, from its slices (sorted by
+/// The frontends of Service `name` on `node`, from its slices (sorted by
 /// slice name).
 pub fn service_frontends(
+    name: &ObjectName,
     service: &ParsedService,
     slices: &[&Slice],
     node: &Node,
@@ -262,8 +277,8 @@ pub fn service_frontends(
     let mut health_check_endpoints = BTreeSet::new();
     for (port, endpoints) in service.ports.iter().zip(&per_port) {
         let service_port = match port.name.as_str() {
-            "" => format!("{}/{}", service.namespace, service.name),
-            name => format!("{}/{}:{name}", service.namespace, service.name),
+            "" => name.to_string(),
+            port => format!("{name}:{port}"),
         };
         let internal = policy::tiers(endpoints, service.internal_local, service.topology, node);
         let external = policy::tiers(endpoints, service.external_local, service.topology, node);
@@ -323,8 +338,8 @@ pub fn service_frontends(
         out.health_check = Some((
             port,
             HealthCheck {
-                namespace: service.namespace.clone(),
-                name: service.name.clone(),
+                namespace: name.namespace.to_string(),
+                name: name.name.clone(),
                 local_endpoints: health_check_endpoints.len(),
             },
         ));

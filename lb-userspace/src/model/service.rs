@@ -46,8 +46,6 @@ pub enum Topology {
 /// The parts of a Service the model uses, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedService {
-    pub namespace: String,
-    pub name: String,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub external_ips: Vec<Ipv4Addr>,
     pub load_balancer_ips: Vec<Ipv4Addr>,
@@ -89,7 +87,6 @@ fn parse(
     object_name: &ObjectName,
     problems: &mut Vec<Problem>,
 ) -> Option<ParsedService> {
-    let (namespace, name) = (object_name.namespace.clone(), object_name.name.clone());
     let object = format!("Service {object_name}");
     let labels = svc.metadata.labels.as_ref();
     if labels
@@ -218,8 +215,6 @@ fn parse(
         .filter(|_| type_ == "LoadBalancer" && external_local)
         .and_then(valid_port);
     Some(ParsedService {
-        namespace,
-        name,
         cluster_ips,
         external_ips,
         load_balancer_ips,

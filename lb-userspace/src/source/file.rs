@@ -64,7 +64,7 @@ pub struct FileSource {
     paths: HashMap<FileId, PathBuf>,
     next_id: FileId,
     /// The files that define each object (nearly always one).
-    defined_in: HashMap<ObjectKey, Vec<FileId>>,
+    defined_in: HashMap<ObjectKey, Definers>,
     /// Change notification; without it (the path does not exist yet, or
     /// went), every scan looks at every file.
     watcher: Option<Inotify>,
@@ -107,6 +107,56 @@ impl fmt::Display for ObjectKey {
 /// A manifest file, as the source knows it by: an id of its own (cheaper
 /// than its path in every object's entry).
 type FileId = u32;
+
+/// The files that define one object: nearly always one, kept inline.
+#[derive(Debug)]
+enum Definers {
+    One(FileId),
+    Many(Vec<FileId>),
+}
+
+impl Definers {
+    fn len(&self) -> usize {
+        match self {
+            Definers::One(_) => 1,
+            Definers::Many(files) => files.len(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &FileId> {
+        match self {
+            Definers::One(file) => std::slice::from_ref(file).iter(),
+            Definers::Many(files) => files.iter(),
+        }
+    }
+
+    fn insert(&mut self, id: FileId) {
+        match self {
+            Definers::One(file) if *file == id => {}
+            Definers::One(file) => *self = Definers::Many(vec![*file, id]),
+            Definers::Many(files) if files.contains(&id) => {}
+            Definers::Many(files) => files.push(id),
+        }
+    }
+
+    /// Takes `id` out; whether none is left.
+    fn remove(&mut self, id: FileId) -> bool {
+        match self {
+            Definers::One(file) => *file == id,
+            Definers::Many(files) => {
+                files.retain(|f| *f != id);
+                match files[..] {
+                    [] => true,
+                    [one] => {
+                        *self = Definers::One(one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 struct CachedFile {
@@ -344,17 +394,17 @@ impl FileSource {
             for key in old_keys {
                 if new_keys.binary_search(&key).is_err()
                     && let Some(files) = self.defined_in.get_mut(&key)
+                    && files.remove(id)
                 {
-                    files.retain(|f| *f != id);
-                    if files.is_empty() {
-                        self.defined_in.remove(&key);
-                    }
+                    self.defined_in.remove(&key);
                 }
             }
             for key in &new_keys {
-                let files = self.defined_in.entry(key.clone()).or_default();
-                if !files.contains(&id) {
-                    files.push(id);
+                match self.defined_in.get_mut(key) {
+                    Some(files) => files.insert(id),
+                    None => {
+                        self.defined_in.insert(key.clone(), Definers::One(id));
+                    }
                 }
             }
             new_keys_of.insert(file.clone(), (id, new_keys));
