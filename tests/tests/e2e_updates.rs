@@ -213,8 +213,19 @@ fn a_service_that_does_not_fit_is_reported_and_the_others_serve() {
     assert!(log.contains("reason=\"capacity\""), "{log}");
     let backends = answering(&cluster, 30).unwrap();
     assert_eq!(backends.len(), 3, "{backends:?}");
-    // Retried with backoff, reported once.
-    std::thread::sleep(Duration::from_secs(2));
+    // Retried with backoff, and reported once however many retries.
+    let metrics = "127.0.0.1:10249".parse().unwrap();
+    eventually("retried", Duration::from_secs(10), || {
+        let (_, text) = cluster.http_get(0, metrics, "/metrics")?;
+        let retries: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("xlb_sync_retries_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        ensure!(retries >= 3, "{retries} retries");
+        Ok(())
+    })
+    .unwrap();
     let log = cluster.agent_log(0);
     let reports = log
         .lines()
