@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
 use crate::{
@@ -307,32 +307,25 @@ pub fn program(cluster: &mut Cluster, mode: Mode, services: &[BenchService]) -> 
 /// fresh connection with a short timeout, so a SYN sent before the Service
 /// existed (and lost) costs no retransmission delay (1 s).
 pub fn wait_served(cluster: &Cluster, timeout: Duration) -> Result<()> {
-    let real = SocketAddrV4::new(REAL_IP, REAL_PORT);
-    let deadline = Instant::now() + timeout;
-    cluster.pod("client").run(|| {
-        loop {
-            let probe = TcpStream::connect_timeout(&real.into(), Duration::from_millis(20))
-                .map_err(anyhow::Error::from)
-                .and_then(|mut stream| {
-                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                    roundtrip(&mut stream)
-                });
-            match probe {
-                Ok(()) => return Ok(()),
-                Err(err) if Instant::now() >= deadline => {
-                    return Err(err.context("the real Service never answered"));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    })
+    wait_for_answer(cluster, timeout, |_| true).context("the real Service never answered")
 }
 
 /// Waits until a new connection to the real Service is answered by `pod`.
 pub fn wait_answered_by(cluster: &Cluster, pod: &str, timeout: Duration) -> Result<()> {
+    let want = format!("From={pod} ");
+    wait_for_answer(cluster, timeout, |line| line.starts_with(&want))
+        .with_context(|| format!("{pod} never answered"))
+}
+
+/// Probes the real Service from the client pod with fresh connections
+/// until an answer line is `wanted`.
+fn wait_for_answer(
+    cluster: &Cluster,
+    timeout: Duration,
+    wanted: impl Fn(&str) -> bool + Sync,
+) -> Result<()> {
     let real = SocketAddrV4::new(REAL_IP, REAL_PORT);
     let deadline = Instant::now() + timeout;
-    let want = format!("From={pod} ");
     cluster.pod("client").run(|| {
         loop {
             let answer = TcpStream::connect_timeout(&real.into(), Duration::from_millis(20))
@@ -342,12 +335,16 @@ pub fn wait_answered_by(cluster: &Cluster, pod: &str, timeout: Duration) -> Resu
                     stream.write_all(b"hello\n")?;
                     let mut line = String::new();
                     BufReader::new(stream).read_line(&mut line)?;
+                    ensure!(!line.is_empty(), "closed");
                     Ok(line)
                 });
             match answer {
-                Ok(line) if line.starts_with(&want) => return Ok(()),
-                _ if Instant::now() >= deadline => bail!("{pod} never answered"),
-                _ => {}
+                Ok(line) if wanted(&line) => return Ok(()),
+                Ok(line) if Instant::now() >= deadline => bail!("last answer: {line}"),
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                // A wrong backend answered: ask again at once.
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
         }
     })
