@@ -18,7 +18,7 @@ fn run_case(yaml: &Path) -> String {
     let node = snapshot
         .nodes
         .first()
-        .map(Node::from_k8s)
+        .map(Node::from_manifest)
         .unwrap_or_else(|| panic!("{}: a case names its Node", yaml.display()));
     let (desired, problems) = model::desired(&snapshot, &node);
     let mut out = desired.dump();

@@ -2,10 +2,9 @@
 
 use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use super::{
     Endpoint, ObjectName, Protocol, intern,
+    manifest::EndpointSlice,
     service::{ServicePort, valid_port},
 };
 use crate::problem::{Invalid, Problem};
@@ -106,7 +105,7 @@ fn parse(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) -> Op
         });
     }
     let mut endpoints = Vec::new();
-    for endpoint in slice.endpoints.iter().flatten() {
+    for endpoint in &slice.endpoints {
         let mut ips = Vec::new();
         for raw in &endpoint.addresses {
             match raw.parse::<Ipv4Addr>() {

@@ -11,6 +11,7 @@
 
 mod endpoints;
 mod incremental;
+pub mod manifest;
 mod policy;
 mod service;
 
@@ -20,8 +21,6 @@ use std::{
     net::Ipv4Addr,
     sync::{Arc, LazyLock, Mutex},
 };
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use self::{
     endpoints::{Slice, SliceObject, parse_object as parse_slice},
@@ -49,7 +48,7 @@ impl ObjectName {
     }
 
     /// The name in an object's metadata.
-    pub fn of(meta: &ObjectMeta) -> Self {
+    pub fn of(meta: &manifest::Metadata) -> Self {
         Self::new(
             meta.namespace.as_deref().unwrap_or("default"),
             meta.name.as_deref().unwrap_or_default(),
@@ -90,7 +89,7 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 impl Node {
     /// A node's identity from its Node object: name, zone label, and its
     /// InternalIP/ExternalIP IPv4 addresses.
-    pub fn from_k8s(node: &k8s_openapi::api::core::v1::Node) -> Self {
+    pub fn from_manifest(node: &manifest::Node) -> Self {
         let ips = node
             .status
             .iter()

@@ -5,9 +5,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::core::v1::Service;
-
-use super::{ObjectName, Protocol};
+use super::{ObjectName, Protocol, manifest::Service};
 use crate::problem::{Invalid, Problem};
 
 /// Services with this label belong to another proxy (any value), and ones

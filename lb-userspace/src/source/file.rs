@@ -15,16 +15,14 @@ use std::{
 };
 
 use inotify::{EventMask, Inotify, WatchMask};
-
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde_yaml_ng::Value;
 
 use super::{Change, Snapshot};
 use crate::{
-    model::{self, ObjectName},
+    model::{
+        self, ObjectName,
+        manifest::{EndpointSlice, Node, Service},
+    },
     problem::{Invalid, Problem},
 };
 
@@ -611,7 +609,7 @@ impl ParsedFile {
             );
         }
         for node in &snapshot.nodes {
-            let node = model::Node::from_k8s(node);
+            let node = model::Node::from_manifest(node);
             self.objects.insert(
                 ObjectKey::Node(node.name.clone()),
                 Change::Node(node.name.clone(), Some(node)),

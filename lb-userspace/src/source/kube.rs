@@ -125,7 +125,7 @@ trait Watched:
 impl Watched for Service {
     const INDEX: usize = 0;
     fn change(&self) -> (ObjectName, Change) {
-        let (name, object) = model::parse_service(self);
+        let (name, object) = model::parse_service(&slim::service(self));
         (name.clone(), Change::Service(name, Some(object)))
     }
     fn deleted(name: ObjectName) -> Change {
@@ -136,7 +136,7 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     const INDEX: usize = 1;
     fn change(&self) -> (ObjectName, Change) {
-        let (name, object) = model::parse_slice(self);
+        let (name, object) = model::parse_slice(&slim::endpoint_slice(self));
         (name.clone(), Change::Slice(name, Some(object)))
     }
     fn deleted(name: ObjectName) -> Change {
@@ -147,8 +147,8 @@ impl Watched for EndpointSlice {
 impl Watched for Node {
     const INDEX: usize = 2;
     fn change(&self) -> (ObjectName, Change) {
-        let node = model::Node::from_k8s(self);
-        let name = ObjectName::of(self.meta());
+        let node = model::Node::from_manifest(&slim::node(self));
+        let name = ObjectName::of(&slim::metadata(self.meta()));
         (name, Change::Node(node.name.clone(), Some(node)))
     }
     fn deleted(name: ObjectName) -> Change {
@@ -302,10 +302,146 @@ async fn watch<K: Watched>(api: Api<K>, config: watcher::Config, shared: &Shared
                 state.changes.push(change);
             }
             watcher::Event::Delete(object) => {
-                let name = ObjectName::of(object.meta());
+                let name = ObjectName::of(&slim::metadata(object.meta()));
                 state.uids[K::INDEX].remove(&name);
                 state.changes.push(K::deleted(name));
             }
+        }
+    }
+}
+
+/// The API's objects in the form the model reads ([`model::manifest`]):
+/// the same fields, the rest left behind.
+mod slim {
+    use k8s_openapi::{
+        api::{core::v1, discovery::v1 as discovery},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use crate::model::manifest::*;
+
+    pub fn metadata(meta: &ObjectMeta) -> Metadata {
+        Metadata {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            labels: meta.labels.clone(),
+            annotations: meta.annotations.clone(),
+        }
+    }
+
+    pub fn service(service: &v1::Service) -> Service {
+        Service {
+            metadata: metadata(&service.metadata),
+            spec: service.spec.as_ref().map(|spec| ServiceSpec {
+                type_: spec.type_.clone(),
+                cluster_ip: spec.cluster_ip.clone(),
+                cluster_ips: spec.cluster_ips.clone(),
+                external_ips: spec.external_ips.clone(),
+                load_balancer_source_ranges: spec.load_balancer_source_ranges.clone(),
+                allocate_load_balancer_node_ports: spec.allocate_load_balancer_node_ports,
+                ports: spec.ports.as_ref().map(|ports| {
+                    ports
+                        .iter()
+                        .map(|port| ServicePort {
+                            name: port.name.clone(),
+                            protocol: port.protocol.clone(),
+                            port: port.port,
+                            node_port: port.node_port,
+                        })
+                        .collect()
+                }),
+                session_affinity: spec.session_affinity.clone(),
+                session_affinity_config: spec.session_affinity_config.as_ref().map(|config| {
+                    SessionAffinityConfig {
+                        client_ip: config.client_ip.as_ref().map(|client_ip| ClientIpConfig {
+                            timeout_seconds: client_ip.timeout_seconds,
+                        }),
+                    }
+                }),
+                external_traffic_policy: spec.external_traffic_policy.clone(),
+                internal_traffic_policy: spec.internal_traffic_policy.clone(),
+                health_check_node_port: spec.health_check_node_port,
+                traffic_distribution: spec.traffic_distribution.clone(),
+            }),
+            status: service.status.as_ref().map(|status| ServiceStatus {
+                load_balancer: status.load_balancer.as_ref().map(|lb| LoadBalancerStatus {
+                    ingress: lb.ingress.as_ref().map(|ingress| {
+                        ingress
+                            .iter()
+                            .map(|ingress| LoadBalancerIngress {
+                                ip: ingress.ip.clone(),
+                            })
+                            .collect()
+                    }),
+                }),
+            }),
+        }
+    }
+
+    pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> EndpointSlice {
+        EndpointSlice {
+            metadata: metadata(&slice.metadata),
+            address_type: slice.address_type.clone(),
+            ports: slice.ports.as_ref().map(|ports| {
+                ports
+                    .iter()
+                    .map(|port| EndpointPort {
+                        name: port.name.clone(),
+                        port: port.port,
+                        protocol: port.protocol.clone(),
+                    })
+                    .collect()
+            }),
+            endpoints: slice
+                .endpoints
+                .iter()
+                .flatten()
+                .map(|endpoint| Endpoint {
+                    addresses: endpoint.addresses.clone(),
+                    conditions: endpoint.conditions.as_ref().map(|c| EndpointConditions {
+                        ready: c.ready,
+                        serving: c.serving,
+                        terminating: c.terminating,
+                    }),
+                    node_name: endpoint.node_name.clone(),
+                    zone: endpoint.zone.clone(),
+                    hints: endpoint.hints.as_ref().map(|hints| EndpointHints {
+                        for_zones: hints.for_zones.as_ref().map(|zones| {
+                            zones
+                                .iter()
+                                .map(|z| Named {
+                                    name: z.name.clone(),
+                                })
+                                .collect()
+                        }),
+                        for_nodes: hints.for_nodes.as_ref().map(|nodes| {
+                            nodes
+                                .iter()
+                                .map(|n| Named {
+                                    name: n.name.clone(),
+                                })
+                                .collect()
+                        }),
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn node(node: &v1::Node) -> Node {
+        Node {
+            metadata: metadata(&node.metadata),
+            status: node.status.as_ref().map(|status| NodeStatus {
+                addresses: status.addresses.as_ref().map(|addresses| {
+                    addresses
+                        .iter()
+                        .map(|a| NodeAddress {
+                            type_: a.type_.clone(),
+                            address: a.address.clone(),
+                        })
+                        .collect()
+                }),
+            }),
         }
     }
 }

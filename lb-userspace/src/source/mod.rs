@@ -6,13 +6,11 @@
 pub mod file;
 pub mod kube;
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
-
 use crate::{
-    model::{self, ObjectName, ServiceObject, SliceObject},
+    model::{
+        self, ObjectName, ServiceObject, SliceObject,
+        manifest::{EndpointSlice, Node, Service},
+    },
     problem::Problem,
 };
 
