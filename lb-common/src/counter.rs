@@ -54,6 +54,18 @@ pub enum Reason {
     /// An ICMP error (destination unreachable, fragmentation needed, time
     /// exceeded) quoting a translated flow, translated like that flow.
     IcmpError,
+    /// A `connect()` or `sendmsg()` to a frontend, balanced at the socket:
+    /// its address rewritten to a backend's.
+    SockBalanced,
+    /// A `recvmsg()` or `getpeername()` of a socket balanced at the socket:
+    /// the backend's address shown as the frontend's.
+    SockRevNat,
+    /// A `connect()` or `sendmsg()` to a frontend without endpoints:
+    /// refused (`ECONNREFUSED`), as kube-proxy's REJECT.
+    SockRejectNoBackend,
+    /// A `connect()` or `sendmsg()` to a frontend whose Local traffic
+    /// policy leaves no endpoint on this node: refused (`EHOSTUNREACH`).
+    SockRejectNoLocalBackend,
 }
 
 impl Reason {
@@ -77,6 +89,10 @@ impl Reason {
         Reason::DropNoSnatPort,
         Reason::DropTtlExceeded,
         Reason::IcmpError,
+        Reason::SockBalanced,
+        Reason::SockRevNat,
+        Reason::SockRejectNoBackend,
+        Reason::SockRejectNoLocalBackend,
     ];
 
     /// The snake_case name used in metrics and the `stats` command.
@@ -100,6 +116,10 @@ impl Reason {
             Reason::DropNoSnatPort => "drop_no_snat_port",
             Reason::DropTtlExceeded => "drop_ttl_exceeded",
             Reason::IcmpError => "icmp_error",
+            Reason::SockBalanced => "sock_balanced",
+            Reason::SockRevNat => "sock_rev_nat",
+            Reason::SockRejectNoBackend => "sock_reject_no_backend",
+            Reason::SockRejectNoLocalBackend => "sock_reject_no_local_backend",
         }
     }
 
@@ -120,7 +140,7 @@ impl Reason {
 }
 
 /// Number of [`Reason`]s: the size of the counters map.
-pub const REASON_COUNT: usize = 18;
+pub const REASON_COUNT: usize = 22;
 
 /// Value of the per-CPU counters map.
 #[repr(C)]

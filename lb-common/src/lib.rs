@@ -14,12 +14,14 @@ mod counter;
 mod fragment;
 mod frontend;
 pub mod maps;
+mod sock;
 
 pub use affinity::*;
 pub use conntrack::*;
 pub use counter::*;
 pub use fragment::*;
 pub use frontend::*;
+pub use sock::*;
 
 /// The source address a pod sees when a Service balanced it to itself
 /// (hairpin), like Cilium's service loopback address: link-local, never a

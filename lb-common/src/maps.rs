@@ -64,8 +64,20 @@ pub const XDP_TX_IFACES: &str = "XLB_XDP_TX_IFACES";
 /// Capacity of [`XDP_TX_IFACES`].
 pub const XDP_TX_IFACES_MAX: u32 = 256;
 
+/// The socket path's reverse map (LRU): [`crate::SockRevKey`] →
+/// [`crate::SockRevEntry`], written at `connect()` / `sendmsg()`, read at
+/// `recvmsg()` / `getpeername()`, removed when the socket is released.
+pub const SOCK_REV: &str = "XLB_SOCK_REV";
+/// Capacity of [`SOCK_REV`]: sockets balanced and open at once (LRU: the
+/// oldest are forgotten first; they then see the backend's address).
+pub const SOCK_REV_MAX: u32 = 262_144;
+
+/// ClientIP session affinity of the socket path (LRU):
+/// [`crate::SockAffinityKey`] → [`crate::AffinityEntry`].
+pub const SOCK_AFFINITY: &str = "XLB_SOCK_AFFINITY";
+
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 13] = [
     FRONTENDS,
     SERVICE_ADDRS,
     SLOTS,
@@ -77,11 +89,18 @@ pub const ALL: [&str; 11] = [
     SOURCE_RANGES,
     COUNTERS,
     XDP_TX_IFACES,
+    SOCK_REV,
+    SOCK_AFFINITY,
 ];
 
 /// The global (`EbpfLoader::set_global`) holding the node address that
 /// external flows to remote backends are SNATed to, wire order.
 pub const GLOBAL_SNAT_ADDR: &str = "XLB_SNAT_ADDR";
+
+/// The global holding the network namespace cookie of the node's own
+/// processes when only they are balanced at the socket
+/// (`--socket-lb host-only`); 0 balances every socket.
+pub const GLOBAL_SOCK_HOST_NETNS: &str = "XLB_SOCK_HOST_NETNS";
 
 /// The global that makes every forward conntrack lookup miss (non-zero), so
 /// that packet tests can run the loser of a flow-creation race against the

@@ -12,12 +12,17 @@ use crate::{
 /// The frontend `flow` is addressed to in `scope`, if any.
 #[inline(always)]
 pub fn lookup(flow: &Flow, scope: u8) -> Option<Frontend> {
-    let key = FrontendKey {
+    lookup_key(FrontendKey {
         addr: flow.daddr,
         port: flow.dport,
         proto: flow.proto,
         scope,
-    };
+    })
+}
+
+/// The frontend of `key`, if any.
+#[inline(always)]
+pub fn lookup_key(key: FrontendKey) -> Option<Frontend> {
     // SAFETY: the value is copied out at once; user space replaces frontends
     // as a whole (one map update), so a reader sees the old or the new one.
     unsafe { FRONTENDS.get(key).copied() }

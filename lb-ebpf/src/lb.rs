@@ -164,7 +164,7 @@ fn balance(flow: &Flow, frontend: &Frontend, external: bool) -> Verdict {
         Found::Missing => None,
         Found::Live(entry) | Found::Stale(entry) => Some(entry),
     };
-    let Some(chosen) = select::select_backend(frontend, flow.saddr, now) else {
+    let Some(chosen) = select::select_backend(frontend, select::ClientAddr(flow.saddr), now) else {
         return Verdict::NoBackend {
             drop: frontend.flags & frontend_flags::DROP_WHEN_EMPTY != 0,
         };

@@ -13,13 +13,14 @@ mod packet;
 mod reject;
 mod route;
 mod select;
+mod sock;
 mod stats;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 /// TC ingress of a pod's host-side veth: traffic a pod sends. Load balances
@@ -51,6 +52,37 @@ pub fn nodeport_tc(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn nodeport_xdp(ctx: XdpContext) -> u32 {
     xdp::run(&ctx, lb::from_outside)
+}
+
+/// cgroup `connect()` (TCP, connected UDP): a frontend's address becomes a
+/// backend's before the socket connects.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+/// cgroup `sendmsg()` of unconnected UDP: balanced per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+/// cgroup `recvmsg()` of UDP: replies appear to come from the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// cgroup `getpeername()`: the application sees the frontend it connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// cgroup socket release: the socket's reverse entry goes with it.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// The benchmark's floor for TC hooks: an empty program, run through the

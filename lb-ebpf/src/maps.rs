@@ -10,7 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, FragmentKey, FragmentPorts,
-    Frontend, FrontendKey, REASON_COUNT, SlotKey, SourceRangeKey, ct_event, maps,
+    Frontend, FrontendKey, REASON_COUNT, SlotKey, SockAffinityKey, SockRevEntry, SockRevKey,
+    SourceRangeKey, ct_event, maps,
 };
 
 /// What clients address: (address, port, protocol, scope) → frontend.
@@ -68,3 +69,15 @@ pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(REASON_COUNT as 
 /// frames is known to work.
 #[map(name = "XLB_XDP_TX_IFACES")]
 pub static XDP_TX_IFACES: Array<u32> = Array::pinned(maps::XDP_TX_IFACES_MAX, 0);
+
+/// The socket path's reverse map: which frontend a balanced socket
+/// addressed, per backend; LRU, entries removed when the socket is released.
+#[map(name = "XLB_SOCK_REV")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevEntry> =
+    LruHashMap::pinned(maps::SOCK_REV_MAX, 0);
+
+/// ClientIP session affinity of the socket path, per (client network
+/// namespace, frontend); LRU like [`AFFINITY`].
+#[map(name = "XLB_SOCK_AFFINITY")]
+pub static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityEntry> =
+    LruHashMap::pinned(maps::AFFINITY_MAX, 0);

@@ -20,9 +20,9 @@ use lb_common::ct_event;
 use crate::{
     Datapath, Error,
     attach::{self, PodInterfaces},
-    clock,
-    conntrack::{ConntrackTable, Evictions},
-    datapath::Settings,
+    bpf_link, clock,
+    conntrack::{ConntrackTable, Evictions, SockRevTable},
+    datapath::{Settings, SocketLb},
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
     model::{Model, Node},
@@ -115,6 +115,18 @@ pub enum SourceConfig {
     Kube { kubeconfig: Option<PathBuf> },
 }
 
+/// Which sockets the socket path balances (`--socket-lb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketLbMode {
+    /// Every socket in the cgroup: the node's processes and its pods.
+    All,
+    /// The node's own processes (its network namespace) only: pods stay
+    /// on the per-packet path.
+    HostOnly,
+    /// None.
+    Off,
+}
+
 /// What the agent runs with (see `xlb agent --help`).
 pub struct Config {
     pub source: SourceConfig,
@@ -124,6 +136,10 @@ pub struct Config {
     pub pod_ifaces: glob::Pattern,
     /// Where external clients' traffic arrives (NodePort, LoadBalancer).
     pub external_ifaces: Vec<String>,
+    /// Which sockets are balanced at the socket, and the cgroup (v2
+    /// directory) whose processes that covers.
+    pub socket_lb: SocketLbMode,
+    pub cgroup: PathBuf,
     /// XDP mode on the external interfaces; `None`: TC only.
     pub xdp: Option<XdpMode>,
     /// Where XDP may answer with `XDP_TX`.
@@ -146,8 +162,17 @@ pub fn run(config: Config) -> Result<(), Error> {
     if snat_addr.is_none() {
         warn!("no node address: external traffic reaches local endpoints only (give --node-ip)");
     }
+    let socket_lb = match config.socket_lb {
+        SocketLbMode::All => SocketLb::All,
+        SocketLbMode::HostOnly => SocketLb::HostOnly {
+            netns_cookie: bpf_link::own_netns_cookie()
+                .map_err(|e| Error::SocketLb(format!("this network namespace's cookie: {e}")))?,
+        },
+        SocketLbMode::Off => SocketLb::Off,
+    };
     let settings = Settings {
         snat_addr,
+        socket_lb,
         capacities: config
             .map_capacities
             .iter()
@@ -176,10 +201,17 @@ pub fn run(config: Config) -> Result<(), Error> {
         };
         info!(%interface, %driver, ?mode, actions, "attached north-south programs: XDP in front of TC");
     }
+    if socket_lb == SocketLb::Off {
+        attach::detach_socket_lb(&config.bpffs)?;
+    } else {
+        attach::attach_socket_lb(&mut datapath, &config.cgroup)?;
+        info!(cgroup = %config.cgroup.display(), mode = ?config.socket_lb, "attached the socket programs");
+    }
     let mut maps = datapath.take_maps()?;
     attach::set_xdp_tx_interfaces(&mut maps.xdp_tx_ifaces, &xdp_tx_interfaces)?;
     let mut syncer = Syncer::new(maps, config.node.clone())?;
     let conntrack = ConntrackTable::open(&config.bpffs)?;
+    let sock_rev = SockRevTable::open(&config.bpffs)?;
     if conntrack.capacity() != config.conntrack_max {
         warn!(
             pinned = conntrack.capacity(),
@@ -225,6 +257,10 @@ pub fn run(config: Config) -> Result<(), Error> {
         if last_walk.is_none_or(|at| at.elapsed() >= CONNTRACK_WALK) {
             let started = Instant::now();
             walked |= walk_conntrack(&conntrack, &mut syncer, &mut evictions, &metrics);
+            match sock_rev.count() {
+                Ok(entries) => metrics.observe_sock_rev(entries, sock_rev.capacity()),
+                Err(err) => warn!("{err}"),
+            }
             last_walk = Some(started);
         }
         let read_started = Instant::now();

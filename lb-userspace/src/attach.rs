@@ -4,24 +4,30 @@
 //! the pinned links atomically (`bpf_link_update`), so no packet is ever
 //! unhandled.
 //!
-//! TC attaches through TCX links (kernel ≥ 6.6), XDP through XDP links.
+//! TC attaches through TCX links (kernel ≥ 6.6), XDP through XDP links,
+//! the socket path through cgroup links (kernel ≥ 5.7).
 
 use std::{
     collections::BTreeSet,
-    fs, io,
+    fs::{self, File},
+    io,
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
 use aya::programs::{
-    LinkOrder, ProgramError, SchedClassifier, TcAttachType, XdpMode,
+    CgroupAttachMode, LinkOrder, ProgramError, SchedClassifier, TcAttachType, XdpMode,
     links::{FdLink, LinkError, PinnedLink},
     tc::{SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
 };
 
 use crate::{
-    Datapath, Error,
-    datapath::program::{FROM_POD, NODEPORT_TC, NODEPORT_XDP, TO_POD},
+    Datapath, Error, bpf_link,
+    datapath::program::{FROM_POD, NODEPORT_TC, NODEPORT_XDP, SOCK_ADDR, SOCK_RELEASE, TO_POD},
     netif::interfaces,
 };
 
@@ -154,6 +160,101 @@ pub fn attach_external(
         },
     )
     .map_err(|source| Error::attach(interface, NODEPORT_XDP, source))
+}
+
+/// Attaches the socket path's programs to `cgroup` (`--cgroup`: every
+/// process below it, the node's and its pods'), through links pinned under
+/// the links dir. A restarted agent swaps its programs into the pinned
+/// links (`bpf_link_update`), so every `connect()` is balanced throughout;
+/// links pinned for another cgroup (a changed `--cgroup`) are replaced.
+pub fn attach_socket_lb(datapath: &mut Datapath, cgroup: &Path) -> Result<(), Error> {
+    let what = format!("cgroup {}", cgroup.display());
+    let links = links_dir(datapath.bpffs());
+    fs::create_dir_all(&links).map_err(|source| Error::Bpffs {
+        path: links.clone(),
+        source,
+    })?;
+    let dir = File::open(cgroup)
+        .and_then(|dir| Ok((dir.metadata()?.ino(), dir)))
+        .map_err(|e| Error::attach(&what, "socket programs", AttachError::Pin(e)));
+    let (cgroup_id, dir) = dir?;
+    for name in SOCK_ADDR {
+        let program = datapath.sock_addr_program(name)?;
+        attach_cgroup(
+            &links.join(name),
+            cgroup_id,
+            program_fd(program.fd()),
+            || {
+                // Through a link (kernel ≥ 5.7), which always lets other
+                // programs run beside it; the mode must then be the default.
+                let id = program
+                    .attach(&dir, CgroupAttachMode::default())
+                    .map_err(AttachError::Program)?;
+                let link = program.take_link(id).map_err(AttachError::Program)?;
+                FdLink::try_from(link).map_err(AttachError::Link)
+            },
+        )
+        .map_err(|source| Error::attach(&what, name, source))?;
+    }
+    let program = datapath.sock_release_program()?;
+    attach_cgroup(
+        &links.join(SOCK_RELEASE),
+        cgroup_id,
+        program_fd(program.fd()),
+        || {
+            let id = program
+                .attach(&dir, CgroupAttachMode::default())
+                .map_err(AttachError::Program)?;
+            let link = program.take_link(id).map_err(AttachError::Program)?;
+            FdLink::try_from(link).map_err(AttachError::Link)
+        },
+    )
+    .map_err(|source| Error::attach(&what, SOCK_RELEASE, source))
+}
+
+/// A program's descriptor, owned (the program is borrowed again to attach).
+fn program_fd<F: AsFd>(fd: Result<F, ProgramError>) -> Result<OwnedFd, AttachError> {
+    let fd = fd.map_err(AttachError::Program)?;
+    fd.as_fd().try_clone_to_owned().map_err(AttachError::Pin)
+}
+
+/// Detaches the socket path (`--socket-lb off`) by unpinning its links.
+pub fn detach_socket_lb(bpffs: &Path) -> Result<(), Error> {
+    let links = links_dir(bpffs);
+    for name in SOCK_ADDR.into_iter().chain([SOCK_RELEASE]) {
+        match fs::remove_file(links.join(name)) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                return Err(Error::attach("its cgroup", name, AttachError::Pin(err)));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Attaches a cgroup program through the link pinned at `pin`: its program
+/// swapped when that link is attached to cgroup `cgroup_id`, otherwise a
+/// new link (`create`) replaces it — attached before the old one goes.
+fn attach_cgroup(
+    pin: &Path,
+    cgroup_id: u64,
+    program: Result<OwnedFd, AttachError>,
+    create: impl FnOnce() -> Result<FdLink, AttachError>,
+) -> Result<(), AttachError> {
+    let old = bpf_link::open_pin(pin).ok();
+    if let Some(link) = &old
+        && bpf_link::cgroup_id(link.as_fd()).ok() == Some(cgroup_id)
+    {
+        return bpf_link::update(link.as_fd(), program?.as_fd()).map_err(AttachError::Pin);
+    }
+    drop(program);
+    let link = create()?;
+    if old.is_some() {
+        fs::remove_file(pin).map_err(AttachError::Pin)?;
+    }
+    link.pin(pin)
+        .map_err(|e| AttachError::Pin(io::Error::other(e)))?;
+    Ok(())
 }
 
 /// The pod programs and the TC direction each runs in.

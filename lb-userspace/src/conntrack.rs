@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use lb_common::{CtEntry, CtKey, maps};
+use lb_common::{CtEntry, CtKey, SockRevEntry, SockRevKey, maps};
 
 use crate::Error;
 
@@ -106,6 +106,72 @@ impl Evictions {
     }
 }
 
+/// Reads every entry of a hash map in batches (`BPF_MAP_LOOKUP_BATCH`).
+fn read_batched<K: Default + Clone, V: Default + Clone>(
+    map: &MapData,
+    mut each: impl FnMut(&K, &V),
+) -> std::io::Result<()> {
+    let mut keys = vec![K::default(); BATCH];
+    let mut values = vec![V::default(); BATCH];
+    // The batch position is a bucket index (u32) for hash maps; room
+    // for a u64 keeps it safe for other kinds.
+    let (mut in_batch, mut out_batch) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw const in_batch as u64 },
+            out_batch: &raw mut out_batch as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let read = attr.count as usize;
+        for (key, entry) in keys.iter().zip(&values).take(read) {
+            each(key, entry);
+        }
+        match result {
+            Ok(()) => {}
+            // The end of the table (the last batch may hold entries).
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(err) => return Err(err),
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}
+
+/// The socket path's pinned reverse map, counted at each walk.
+pub struct SockRevTable {
+    map: MapData,
+    capacity: u32,
+}
+
+impl SockRevTable {
+    /// Opens the socket reverse map pinned under `bpffs`.
+    pub fn open(bpffs: &Path) -> Result<Self, Error> {
+        let name = maps::SOCK_REV;
+        let map = MapData::from_pin(bpffs.join(name)).map_err(Error::map(name))?;
+        let capacity = map.info().map_err(Error::map(name))?.max_entries();
+        Ok(Self { map, capacity })
+    }
+
+    /// The map's capacity: sockets balanced and open at once.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Its entries now.
+    pub fn count(&self) -> Result<usize, Error> {
+        let mut entries = 0;
+        read_batched(&self.map, |_: &SockRevKey, _: &SockRevEntry| entries += 1)
+            .map_err(|e| Error::MapWalk(maps::SOCK_REV, e))?;
+        Ok(entries)
+    }
+}
+
 /// The pinned conntrack map, for the walk.
 pub struct ConntrackTable {
     map: MapData,
@@ -144,37 +210,8 @@ impl ConntrackTable {
         Ok(walk)
     }
 
-    fn read_all(&self, mut each: impl FnMut(&CtKey, &CtEntry)) -> Result<(), Error> {
-        let mut keys = vec![CtKey::default(); BATCH];
-        let mut values = vec![CtEntry::default(); BATCH];
-        // The batch position is a bucket index (u32) for hash maps; room
-        // for a u64 keeps it safe for other kinds.
-        let (mut in_batch, mut out_batch) = (0u64, 0u64);
-        let mut first = true;
-        loop {
-            let mut attr = BatchAttr {
-                in_batch: if first { 0 } else { &raw const in_batch as u64 },
-                out_batch: &raw mut out_batch as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: BATCH as u32,
-                map_fd: self.map.fd().as_fd().as_raw_fd() as u32,
-                ..BatchAttr::default()
-            };
-            let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-            let read = attr.count as usize;
-            for (key, entry) in keys.iter().zip(&values).take(read) {
-                each(key, entry);
-            }
-            match result {
-                Ok(()) => {}
-                // The end of the table (the last batch may hold entries).
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                Err(err) => return Err(Error::ConntrackWalk(err)),
-            }
-            in_batch = out_batch;
-            first = false;
-        }
+    fn read_all(&self, each: impl FnMut(&CtKey, &CtEntry)) -> Result<(), Error> {
+        read_batched(&self.map, each).map_err(|e| Error::MapWalk(maps::CONNTRACK, e))
     }
 
     /// Deletes the entries of `keys` that are still expired at `now_ns`,

@@ -7,7 +7,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, Xdp},
+    programs::{CgroupSock, CgroupSockAddr, SchedClassifier, Xdp},
 };
 use lb_common::{ipv4_raw, maps};
 
@@ -25,6 +25,15 @@ pub mod program {
     pub const NODEPORT_XDP: &str = "nodeport_xdp";
     /// Every TC program.
     pub const TC: [&str; 3] = [FROM_POD, TO_POD, NODEPORT_TC];
+    /// The socket path's cgroup programs (`cgroup_sock_addr`), by hook.
+    pub const SOCK_ADDR: [&str; 4] = [
+        "sock_connect4",
+        "sock_sendmsg4",
+        "sock_recvmsg4",
+        "sock_getpeername4",
+    ];
+    /// The socket path's release hook (`cgroup_sock`).
+    pub const SOCK_RELEASE: &str = "sock_release";
     /// Empty programs, the datapath benchmark's floor; loaded only by
     /// [`super::Datapath::load_floors`], never attached.
     pub const FLOOR_TC: &str = "floor_tc";
@@ -40,9 +49,25 @@ pub struct Settings {
     pub snat_addr: Option<Ipv4Addr>,
     /// Maps whose capacity differs from `lb_common::maps` (tests fill them).
     pub capacities: Vec<(&'static str, u32)>,
+    /// Which sockets are balanced at the socket (the cgroup programs are
+    /// loaded unless [`SocketLb::Off`]).
+    pub socket_lb: SocketLb,
     /// Packet tests of the flow-creation race only: every forward conntrack
     /// lookup misses, as on the CPU that loses the race.
     pub lose_flow_race: bool,
+}
+
+/// Which sockets the socket path balances (`--socket-lb`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SocketLb {
+    /// None: every packet goes through the per-packet path.
+    #[default]
+    Off,
+    /// Every socket in the cgroup: the node's processes and its pods.
+    All,
+    /// Only sockets in this network namespace (by cookie): the node's own
+    /// processes; pods stay on the per-packet path.
+    HostOnly { netns_cookie: u64 },
 }
 
 /// The loaded object: programs verified and loaded, maps pinned.
@@ -59,11 +84,16 @@ impl Datapath {
         bpffs::ensure_dir(bpffs)?;
         let snat_addr = settings.snat_addr.map_or(0, |ip| ipv4_raw(ip.octets()));
         let lose_flow_race = u8::from(settings.lose_flow_race);
+        let host_netns = match settings.socket_lb {
+            SocketLb::HostOnly { netns_cookie } => netns_cookie,
+            SocketLb::Off | SocketLb::All => 0,
+        };
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(bpffs)
             .override_global(maps::GLOBAL_SNAT_ADDR, &snat_addr, true)
-            .override_global(maps::GLOBAL_LOSE_FLOW_RACE, &lose_flow_race, true);
+            .override_global(maps::GLOBAL_LOSE_FLOW_RACE, &lose_flow_race, true)
+            .override_global(maps::GLOBAL_SOCK_HOST_NETNS, &host_netns, true);
         for (name, max_entries) in &settings.capacities {
             loader.map_max_entries(name, *max_entries);
         }
@@ -78,6 +108,17 @@ impl Datapath {
         let xdp = xdp_program(&mut ebpf, name)?;
         xdp.load()
             .map_err(|source| Error::Program { name, source })?;
+        if settings.socket_lb != SocketLb::Off {
+            for name in program::SOCK_ADDR {
+                sock_addr_program(&mut ebpf, name)?
+                    .load()
+                    .map_err(|source| Error::Program { name, source })?;
+            }
+            let name = program::SOCK_RELEASE;
+            sock_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::Program { name, source })?;
+        }
         Ok(Self {
             ebpf,
             bpffs: bpffs.to_owned(),
@@ -97,6 +138,16 @@ impl Datapath {
     /// The loaded XDP program.
     pub fn xdp_program(&mut self) -> Result<&mut Xdp, Error> {
         xdp_program(&mut self.ebpf, program::NODEPORT_XDP)
+    }
+
+    /// A loaded socket-path program, by one of [`program::SOCK_ADDR`].
+    pub fn sock_addr_program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, Error> {
+        sock_addr_program(&mut self.ebpf, name)
+    }
+
+    /// The loaded socket release program.
+    pub fn sock_release_program(&mut self) -> Result<&mut CgroupSock, Error> {
+        sock_program(&mut self.ebpf, program::SOCK_RELEASE)
     }
 
     /// Loads the benchmark's empty floor programs, [`program::FLOOR_TC`]
@@ -134,6 +185,23 @@ fn tc_program<'a>(
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Error> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, Error> {
+    let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    program
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSock, Error> {
     let program = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
     program
         .try_into()

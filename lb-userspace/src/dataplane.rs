@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use aya::maps::lpm_trie::Key;
-use lb_common::{AffinityKey, SourceRangeKey};
+use lb_common::{AffinityKey, SockAffinityKey, SourceRangeKey};
 
 use crate::{
     Error, Maps,
@@ -64,8 +64,14 @@ impl Dataplane for Maps {
         }
         // The ids conntrack names come from the agent's walk
         // (`Syncer::conntrack_walked`), which reads it in batches.
-        for key in self.affinity.keys().flatten() {
-            state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(key.frontend_id);
+        let affinity = self.affinity.keys().flatten().map(|key| key.frontend_id);
+        let sock_affinity = self
+            .sock_affinity
+            .keys()
+            .flatten()
+            .map(|key| key.frontend_id);
+        for frontend_id in affinity.chain(sock_affinity) {
+            state.max_frontend_id_in_use = state.max_frontend_id_in_use.max(frontend_id);
         }
         state.max_frontend_id_in_use = state
             .frontends
@@ -124,6 +130,16 @@ impl Dataplane for Maps {
         for key in stale {
             ignore_missing(self.affinity.remove(&key))
                 .map_err(Error::map(lb_common::maps::AFFINITY))?;
+        }
+        let stale: Vec<SockAffinityKey> = self
+            .sock_affinity
+            .keys()
+            .flatten()
+            .filter(|key| frontend_ids.contains(&key.frontend_id))
+            .collect();
+        for key in stale {
+            ignore_missing(self.sock_affinity.remove(&key))
+                .map_err(Error::map(lb_common::maps::SOCK_AFFINITY))?;
         }
         Ok(())
     }

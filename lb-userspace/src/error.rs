@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Kube(String),
+    #[error("socket load balancing: {0} (or run with --socket-lb off)")]
+    SocketLb(String),
     #[error("serving HTTP on {addr}: {message}")]
     Http {
         addr: std::net::SocketAddr,
@@ -52,8 +54,8 @@ pub enum Error {
     },
     #[error("backend {0} is not in service in the maps (its write failed)")]
     MissingBackend(u32),
-    #[error("walking conntrack: {0}")]
-    ConntrackWalk(#[source] std::io::Error),
+    #[error("reading map {0}: {1}")]
+    MapWalk(&'static str, #[source] std::io::Error),
     #[error("bpffs at {path}: {source}")]
     Bpffs {
         path: PathBuf,

@@ -7,7 +7,9 @@
 
 pub mod agent;
 pub mod attach;
+pub mod bpf_link;
 pub mod bpffs;
+pub mod cgroup;
 pub mod cleanup;
 pub mod clock;
 pub mod conntrack;

@@ -82,6 +82,17 @@ enum XdpTxSetting {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SocketLbSetting {
+    /// Every socket under --cgroup: the node's processes and its pods.
+    All,
+    /// The node's own processes only; pods stay on the per-packet path
+    /// (service meshes such as Istio need to see the Service address).
+    HostOnly,
+    /// None: every connection is translated per packet.
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -121,6 +132,14 @@ struct AgentArgs {
     /// Glob of the pod interfaces to attach to (new links are picked up).
     #[arg(long, default_value = "veth*")]
     pod_ifaces: String,
+    /// Which sockets are balanced at the socket: their destination is
+    /// translated once, at connect() / sendmsg(), instead of every packet.
+    #[arg(long, value_enum, default_value = "all")]
+    socket_lb: SocketLbSetting,
+    /// The cgroup v2 directory whose processes the socket programs cover
+    /// [default: the root of the cgroup v2 mount, from /proc/mounts].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
     /// XDP mode on the external interfaces.
     #[arg(long, value_enum, default_value = "native")]
     xdp: XdpMode,
@@ -267,8 +286,24 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         XdpMode::Generic => Some(aya::programs::XdpMode::Skb),
         XdpMode::Off => None,
     };
+    let socket_lb = match args.socket_lb {
+        SocketLbSetting::All => agent::SocketLbMode::All,
+        SocketLbSetting::HostOnly => agent::SocketLbMode::HostOnly,
+        SocketLbSetting::Off => agent::SocketLbMode::Off,
+    };
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None if matches!(args.socket_lb, SocketLbSetting::Off) => PathBuf::new(),
+        None => lb_userspace::cgroup::v2_mount().context(
+            "socket load balancing: no cgroup v2 hierarchy is mounted \
+             (mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`, \
+             give --cgroup, or run with --socket-lb off)",
+        )?,
+    };
     let config = agent::Config {
         source,
+        socket_lb,
+        cgroup,
         node: Node {
             name,
             zone: args.zone,
@@ -289,6 +324,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             (lb_common::maps::SLOTS, args.slots_max),
             (lb_common::maps::SERVICE_ADDRS, args.service_addrs_max),
             (lb_common::maps::AFFINITY, args.affinity_max),
+            (lb_common::maps::SOCK_AFFINITY, args.affinity_max),
         ],
         bpffs: args.bpffs,
         metrics_addr: args.metrics_addr,

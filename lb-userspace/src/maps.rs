@@ -6,7 +6,8 @@ use std::path::Path;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, Reason, SlotKey, SourceRangeKey, ct_event, maps,
+    REASON_COUNT, Reason, SlotKey, SockAffinityKey, SockRevEntry, SockRevKey, SourceRangeKey,
+    ct_event, maps,
 };
 
 use crate::Error;
@@ -19,6 +20,8 @@ pub struct Maps {
     pub backends: HashMap<MapData, u32, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub sock_affinity: HashMap<MapData, SockAffinityKey, AffinityEntry>,
+    pub sock_rev: HashMap<MapData, SockRevKey, SockRevEntry>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub counters: PerCpuArray<MapData, Counter>,
     pub xdp_tx_ifaces: Array<MapData, u32>,
@@ -62,6 +65,8 @@ impl Maps {
             backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,
             conntrack: typed(maps::CONNTRACK, open(maps::CONNTRACK)?)?,
             affinity: typed(maps::AFFINITY, open(maps::AFFINITY)?)?,
+            sock_affinity: typed(maps::SOCK_AFFINITY, open(maps::SOCK_AFFINITY)?)?,
+            sock_rev: typed(maps::SOCK_REV, open(maps::SOCK_REV)?)?,
             source_ranges: typed(maps::SOURCE_RANGES, open(maps::SOURCE_RANGES)?)?,
             counters: typed(maps::COUNTERS, open(maps::COUNTERS)?)?,
             xdp_tx_ifaces: typed(maps::XDP_TX_IFACES, open(maps::XDP_TX_IFACES)?)?,

@@ -46,6 +46,8 @@ pub struct Metrics {
     conntrack_capacity: Gauge,
     conntrack_expired_removed: Counter,
     conntrack_evictions: Counter,
+    sock_rev_entries: Gauge,
+    sock_rev_capacity: Gauge,
     backends_draining_deleted: Counter,
     sync_failed_writes: Counter,
     sync_retries: Counter,
@@ -117,6 +119,18 @@ impl Metrics {
             "Expired conntrack entries removed by the agent's walk",
             conntrack_expired_removed.clone(),
         );
+        let sock_rev_entries = Gauge::default();
+        registry.register(
+            "sock_rev_entries",
+            "Sockets balanced at the socket whose Service address is remembered (getpeername, UDP replies), as of the agent's last walk",
+            sock_rev_entries.clone(),
+        );
+        let sock_rev_capacity = Gauge::default();
+        registry.register(
+            "sock_rev_capacity",
+            "Capacity of the socket reverse map (least recently used entries go first when it is full)",
+            sock_rev_capacity.clone(),
+        );
         let conntrack_evictions = Counter::default();
         registry.register(
             "conntrack_evictions",
@@ -154,6 +168,8 @@ impl Metrics {
             conntrack_capacity,
             conntrack_expired_removed,
             conntrack_evictions,
+            sock_rev_entries,
+            sock_rev_capacity,
             backends_draining_deleted,
             sync_failed_writes,
             sync_retries,
@@ -190,6 +206,12 @@ impl Metrics {
         self.conntrack_evictions.inc_by(evictions);
         self.backends_draining_deleted
             .inc_by(backends_deleted as u64);
+    }
+
+    /// The socket reverse map's fill.
+    pub fn observe_sock_rev(&self, entries: usize, capacity: u32) {
+        self.sock_rev_entries.set(entries as i64);
+        self.sock_rev_capacity.set(i64::from(capacity));
     }
 
     /// Writes of one sync that failed, and whether that sync was a retry.

@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
+    cgroup::{self, Cgroups},
     echo::EchoServer,
     netns::{Netns, run},
 };
@@ -49,12 +50,17 @@ pub fn xlb_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("XLB_BIN") {
         return path.into();
     }
+    built_bin("xlb")
+}
+
+/// A binary cargo built beside the tests.
+fn built_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_owned();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("xlb");
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
         "{} not built: run the tests with `cargo xtask test` (or build lb-userspace first)",
@@ -118,6 +124,9 @@ impl Drop for BpffsMount {
 /// the bpffs and the manifests last.
 pub struct Cluster {
     agents: Vec<Option<Child>>,
+    /// One cgroup per node: its agent attaches the socket programs there,
+    /// and the node's and its pods' client processes run in it.
+    cgroups: Cgroups,
     /// XDP on the LAN side of the nodes' links, in the `--xdp-tx on` set-up.
     lan_xdp: Option<lb_userspace::Datapath>,
     pub pods: Vec<Pod>,
@@ -149,6 +158,12 @@ impl Cluster {
         lan.ip("link add br0 type bridge")?;
         lan.ip("link set br0 up")?;
         let bpffs = BpffsMount::new(PathBuf::from(format!("/run/xlb-test/{id}")))?;
+        let node_names: Vec<String> = (1..=zones.len()).map(|n| format!("node{n}")).collect();
+        let cgroups = Cgroups::new(
+            PathBuf::from(format!("/run/xlb-test/{id}-cgroup")),
+            &format!("xlb-test-{id}"),
+            &node_names,
+        )?;
         let dir = tempfile::tempdir()?;
         fs::create_dir_all(dir.path().join("manifests"))?;
         let mut nodes = Vec::new();
@@ -205,6 +220,7 @@ impl Cluster {
         }
         Ok(Self {
             agents: nodes.iter().map(|_| None).collect(),
+            cgroups,
             lan_xdp: None,
             pods: Vec::new(),
             nodes,
@@ -362,11 +378,15 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(self.log_path(node))?;
-        let child = host
-            .ns
-            .command(xlb_bin().to_str().context("utf-8 path")?)
+        let group = self.cgroups.group(node);
+        let mut command = host.ns.command(xlb_bin().to_str().context("utf-8 path")?);
+        // The agent is one of the node's processes.
+        cgroup::run_in(&mut command, None, group)?;
+        let child = command
             .arg("agent")
             .args(source)
+            .arg("--cgroup")
+            .arg(group)
             .args(["--node-name", &host.name, "--zone", &host.zone])
             .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
             .arg(&host.bpffs)
@@ -395,6 +415,9 @@ impl Cluster {
             .map(|name| links.join(name))
             .collect();
         pins.push(links.join("nodeport_eth0"));
+        if !extra_args.windows(2).any(|w| w == ["--socket-lb", "off"]) {
+            pins.push(links.join("sock_connect4"));
+        }
         if self.xdp != "off" {
             pins.push(links.join("xdp_eth0"));
         }
@@ -409,6 +432,57 @@ impl Cluster {
                 Ok(())
             },
         )
+    }
+
+    /// The cgroup of node `node` (its agent's `--cgroup`).
+    pub fn cgroup(&self, node: usize) -> &Path {
+        self.cgroups.group(node)
+    }
+
+    /// Moves this whole process into node `node`'s cgroup until the guard
+    /// drops: its threads' sockets, in whatever namespace, are then that
+    /// node's, balanced at the socket (the benchmark's clients).
+    pub fn join_cgroup(&self, node: usize) -> Result<cgroup::Joined> {
+        self.cgroups.join(node)
+    }
+
+    /// Runs `xlb-test-client` with `args` as a process of node `node`
+    /// itself (its network namespace and cgroup), to the end; its lines.
+    pub fn node_client(&self, node: usize, args: &[&str]) -> Result<Vec<String>> {
+        let netns = PathBuf::from(format!("/run/netns/{}", self.nodes[node].ns.name()));
+        self.client(&netns, node, args)
+    }
+
+    /// [`Self::node_client`] as a process of pod `pod` (its namespace, its
+    /// node's cgroup).
+    pub fn pod_client(&self, pod: &str, args: &[&str]) -> Result<Vec<String>> {
+        let pod = self.pod(pod);
+        let netns = PathBuf::from(format!("/run/netns/{}", pod.ns.name()));
+        self.client(&netns, pod.node, args)
+    }
+
+    fn client(&self, netns: &Path, node: usize, args: &[&str]) -> Result<Vec<String>> {
+        let mut command = self.client_command(netns, node, args)?;
+        let out = run(&mut command)?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The `xlb-test-client` command of [`Self::pod_client`], to spawn
+    /// (a session driven through its standard input).
+    pub fn pod_client_command(&self, pod: &str, args: &[&str]) -> Result<Command> {
+        let pod = self.pod(pod);
+        let netns = PathBuf::from(format!("/run/netns/{}", pod.ns.name()));
+        self.client_command(&netns, pod.node, args)
+    }
+
+    fn client_command(&self, netns: &Path, node: usize, args: &[&str]) -> Result<Command> {
+        let mut command = Command::new(built_bin("xlb-test-client"));
+        command.args(args);
+        cgroup::run_in(&mut command, Some(netns), self.cgroups.group(node))?;
+        Ok(command)
     }
 
     /// Starts every node's agent.

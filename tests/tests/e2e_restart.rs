@@ -105,8 +105,9 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("detached 7 program link(s)"),
-        "web-0, web-1 and client, both directions, and eth0's nodeport_tc"
+        String::from_utf8_lossy(&out.stdout).contains("detached 12 program link(s)"),
+        "web-0, web-1 and client, both directions, eth0's nodeport_tc, and the five \
+         socket hooks on the node's cgroup"
     );
     assert!(!bpffs.exists(), "pins removed");
     // Nothing translates the ClusterIP on node1 any more (the kernel frees
