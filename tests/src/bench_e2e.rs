@@ -46,8 +46,11 @@ pub enum Mode {
     Iptables,
     /// kube-proxy's nftables mode rules.
     Nftables,
-    /// xlb's agent with the file source.
+    /// xlb's agent with the file source and default flags: the client's
+    /// process is in the node's cgroup, so it is balanced at the socket.
     Xlb,
+    /// xlb per packet only (`--socket-lb off`): TC on the pods' veths.
+    XlbTc,
 }
 
 impl Mode {
@@ -57,6 +60,7 @@ impl Mode {
             "iptables" => Mode::Iptables,
             "nftables" => Mode::Nftables,
             "xlb" => Mode::Xlb,
+            "xlb-tc" => Mode::XlbTc,
             other => bail!("unknown mode {other}"),
         })
     }
@@ -67,6 +71,7 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
             Mode::Xlb => "xlb",
+            Mode::XlbTc => "xlb-tc",
         }
     }
 }
@@ -292,9 +297,14 @@ pub fn program(cluster: &mut Cluster, mode: Mode, services: &[BenchService]) -> 
                 &baseline::nft_ruleset(services),
             )?;
         }
-        Mode::Xlb => {
+        Mode::Xlb | Mode::XlbTc => {
             cluster.write_manifest("bench.yaml", &manifests(services))?;
-            cluster.start_agent(0, &[])?;
+            let flags: &[&str] = if mode == Mode::XlbTc {
+                &["--socket-lb", "off"]
+            } else {
+                &[]
+            };
+            cluster.start_agent(0, flags)?;
         }
     }
     if mode != Mode::Direct {

@@ -1,6 +1,7 @@
 //! `cargo xtask bench e2e`: real connections through each mode — no load
 //! balancer ("direct", the ceiling), kube-proxy's iptables rules, its
-//! nftables rules, xlb — on the netns cluster of the end-to-end tests, at
+//! nftables rules, xlb (balanced at the socket), xlb per packet only
+//! (`xlb-tc`) — on the netns cluster of the end-to-end tests, at
 //! several numbers of Services (10 endpoints each) with the measured
 //! Service last. Per point: new-connection rate and connect latency
 //! (short-lived TCP connections), keep-alive request rate, UDP request
@@ -30,7 +31,13 @@ struct Args {
 
 fn args() -> Result<Args> {
     let mut args = Args {
-        modes: vec![Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Xlb],
+        modes: vec![
+            Mode::Direct,
+            Mode::Iptables,
+            Mode::Nftables,
+            Mode::Xlb,
+            Mode::XlbTc,
+        ],
         scales: vec![100, 1_000, 10_000, 30_000],
         duration: Duration::from_secs(2),
         repeats: 3,
@@ -85,6 +92,13 @@ fn main() -> Result<()> {
             );
             let targets = bench_e2e::targets(&cluster, mode);
             let client = cluster.pod("client");
+            // The client's threads are this process's: in node1's cgroup
+            // for xlb, as a pod's processes are, so that the socket path
+            // balances them; elsewhere for every other mode.
+            let _in_node = match mode {
+                Mode::Xlb => Some(cluster.join_cgroup(0)?),
+                _ => None,
+            };
             let (mut rate, mut p50, mut p99, mut kept, mut udp) =
                 (vec![], vec![], vec![], vec![], vec![]);
             for _ in 0..args.repeats {

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use serde::Deserialize;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const MODES: [&str; 4] = ["direct", "iptables", "nftables", "xlb"];
+const MODES: [&str; 5] = ["direct", "iptables", "nftables", "xlb", "xlb-tc"];
 
 #[derive(Deserialize, Clone)]
 struct Row {
@@ -32,6 +32,7 @@ fn color(mode: &str) -> RGBColor {
         "direct" => RGBColor(120, 120, 120),
         "iptables" => RGBColor(214, 39, 40),
         "nftables" => RGBColor(255, 127, 14),
+        "xlb-tc" => RGBColor(148, 103, 189),
         _ => RGBColor(31, 119, 180),
     }
 }
