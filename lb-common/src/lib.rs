@@ -39,6 +39,25 @@ pub const fn ipv4_raw(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
 }
 
+/// The bitmaps of [`maps::ADDR_FILTER`].
+pub mod addr_filter {
+    /// Frontend addresses: where a packet to a frontend goes.
+    pub const FRONTENDS: u32 = 0;
+    /// Backend addresses: where a reply comes from.
+    pub const BACKENDS: u32 = 1;
+}
+
+/// The word of [`maps::ADDR_FILTER`] and the bit in it that stand for
+/// `addr` (wire order) in bitmap `set` ([`addr_filter`]): a multiplicative
+/// hash's top 20 bits.
+pub const fn addr_filter_bit(set: u32, addr: u32) -> (u32, u64) {
+    let bit = addr.wrapping_mul(0x9E37_79B1) >> 12;
+    (
+        set * maps::ADDR_FILTER_SET_WORDS + (bit >> 6),
+        1 << (bit & 63),
+    )
+}
+
 /// The octets of an address stored by [`ipv4_raw`].
 pub const fn ipv4_octets(raw: u32) -> [u8; 4] {
     raw.to_ne_bytes()

@@ -76,8 +76,21 @@ pub const SOCK_REV_MAX: u32 = 262_144;
 /// [`crate::SockAffinityKey`] → [`crate::AffinityEntry`].
 pub const SOCK_AFFINITY: &str = "XLB_SOCK_AFFINITY";
 
+/// The per-packet path's pre-filter: two bitmaps (arrays of `u64` words,
+/// [`crate::addr_filter`]), one with the bit of every frontend address set,
+/// one with every backend address's ([`crate::addr_filter_bit`]). A pod's
+/// packet whose destination is no frontend's and whose source no backend's
+/// (a reply's source is its backend) is neither addressed to a frontend
+/// nor a reply of a translated flow, and skips both lookups; a bit set by
+/// another address (a hash collision) only costs them.
+pub const ADDR_FILTER: &str = "XLB_ADDR_FILTER";
+/// Words of one bitmap of [`ADDR_FILTER`]: 2^20 bits, 128 KiB.
+pub const ADDR_FILTER_SET_WORDS: u32 = 1 << 14;
+/// Words of [`ADDR_FILTER`]: its two bitmaps.
+pub const ADDR_FILTER_WORDS: u32 = 2 * ADDR_FILTER_SET_WORDS;
+
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     FRONTENDS,
     SERVICE_ADDRS,
     SLOTS,
@@ -91,6 +104,7 @@ pub const ALL: [&str; 13] = [
     XDP_TX_IFACES,
     SOCK_REV,
     SOCK_AFFINITY,
+    ADDR_FILTER,
 ];
 
 /// The global (`EbpfLoader::set_global`) holding the node address that

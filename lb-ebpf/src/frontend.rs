@@ -2,10 +2,10 @@
 //! client use it?
 
 use aya_ebpf::maps::lpm_trie::Key;
-use lb_common::{Frontend, FrontendKey, SourceRangeKey, frontend_flags};
+use lb_common::{Frontend, FrontendKey, SourceRangeKey, addr_filter_bit, frontend_flags};
 
 use crate::{
-    maps::{FRONTENDS, SOURCE_RANGES},
+    maps::{ADDR_FILTER, FRONTENDS, SOURCE_RANGES},
     packet::Flow,
 };
 
@@ -26,6 +26,14 @@ pub fn lookup_key(key: FrontendKey) -> Option<Frontend> {
     // SAFETY: the value is copied out at once; user space replaces frontends
     // as a whole (one map update), so a reader sees the old or the new one.
     unsafe { FRONTENDS.get(key).copied() }
+}
+
+/// Whether `addr` (wire order) may be in pre-filter bitmap `set`
+/// (`lb_common::addr_filter`): its bit is set, or the map cannot say.
+#[inline(always)]
+pub fn may_be(set: u32, addr: u32) -> bool {
+    let (index, mask) = addr_filter_bit(set, addr);
+    ADDR_FILTER.get(index).is_none_or(|word| *word & mask != 0)
 }
 
 /// Whether `client` may use `frontend`: always, unless the frontend has

@@ -6,7 +6,7 @@
 //! with what their context allows.
 
 use lb_common::{
-    CtEntry, Frontend, HAIRPIN_ADDR, PROTO_TCP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    CtEntry, Frontend, HAIRPIN_ADDR, PROTO_TCP, Reason, SNAT_PORT_MAX, SNAT_PORT_MIN, addr_filter,
     backend_flags, ct_flags, direction, frontend_flags, port_host, scope,
 };
 
@@ -72,7 +72,7 @@ pub enum Verdict {
 
 /// Why a packet that is not load balanced passes.
 #[inline(always)]
-fn pass_reason(flow: &Flow) -> Reason {
+pub fn pass_reason(flow: &Flow) -> Reason {
     if flow.is_complete {
         Reason::PassNotLoadBalanced
     } else {
@@ -95,6 +95,8 @@ fn translatable(flow: &Flow) -> Result<(), Reason> {
 /// A pod's packet (TC ingress of its veth): balanced when it is addressed
 /// to a frontend; translated back when it is a reply this node must
 /// translate itself (hairpin, external flows to a local backend).
+///
+/// Runs only for packets [`from_pod_may_be_ours`] lets through.
 #[inline(always)]
 pub fn from_pod(flow: &Flow) -> Verdict {
     match frontend::lookup(flow, scope::INTERNAL) {
@@ -104,10 +106,34 @@ pub fn from_pod(flow: &Flow) -> Verdict {
 }
 
 /// A packet delivered to a pod (TC egress of its veth): translated back
-/// when it is the reply of a load-balanced flow.
+/// when it is the reply of a load-balanced flow. Runs only for packets
+/// [`to_pod_may_be_ours`] lets through.
 #[inline(always)]
 pub fn to_pod(flow: &Flow) -> Verdict {
     reply(flow, 0)
+}
+
+/// The pre-filter of [`from_pod`]: a packet whose destination no frontend
+/// has and whose source no backend has (a reply's source is its backend)
+/// needs neither lookup — pod-to-pod traffic, and the packets a client
+/// sends on a connection the socket path translated. One array lookup per
+/// address.
+#[inline(always)]
+pub fn from_pod_may_be_ours(flow: &Flow) -> bool {
+    frontend::may_be(addr_filter::FRONTENDS, flow.daddr)
+        || frontend::may_be(addr_filter::BACKENDS, flow.saddr)
+}
+
+/// The pre-filter of [`to_pod`]: only a backend's packet can be a reply.
+#[inline(always)]
+pub fn to_pod_may_be_ours(flow: &Flow) -> bool {
+    frontend::may_be(addr_filter::BACKENDS, flow.saddr)
+}
+
+/// Every packet from outside goes through [`from_outside`].
+#[inline(always)]
+pub fn all(_flow: &Flow) -> bool {
+    true
 }
 
 /// A packet arriving from outside (external interface, TC or XDP):

@@ -28,7 +28,7 @@ use aya_ebpf::{
 /// replies of hairpin and external flows.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let (reason, action) = tc::run(&ctx, lb::from_pod);
+    let (reason, action) = tc::run(&ctx, lb::from_pod_may_be_ours, lb::from_pod);
     stats::tc_verdict(&ctx, reason, action)
 }
 
@@ -36,7 +36,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// replies of load-balanced flows back (backend → frontend).
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let (reason, action) = tc::run(&ctx, lb::to_pod);
+    let (reason, action) = tc::run(&ctx, lb::to_pod_may_be_ours, lb::to_pod);
     stats::tc_verdict(&ctx, reason, action)
 }
 
@@ -44,7 +44,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 /// IP frontends, and the replies of SNATed flows.
 #[classifier]
 pub fn nodeport_tc(ctx: TcContext) -> i32 {
-    let (reason, action) = tc::run(&ctx, lb::from_outside);
+    let (reason, action) = tc::run(&ctx, lb::all, lb::from_outside);
     stats::tc_verdict(&ctx, reason, action)
 }
 

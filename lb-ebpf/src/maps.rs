@@ -81,3 +81,9 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevEntry> =
 #[map(name = "XLB_SOCK_AFFINITY")]
 pub static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityEntry> =
     LruHashMap::pinned(maps::AFFINITY_MAX, 0);
+
+/// The per-packet path's pre-filter (`lb_common::maps::ADDR_FILTER`): the
+/// bit of every frontend and backend address. An array lookup is inlined
+/// by the verifier.
+#[map(name = "XLB_ADDR_FILTER")]
+pub static ADDR_FILTER: Array<u64> = Array::pinned(maps::ADDR_FILTER_WORDS, 0);

@@ -5,7 +5,7 @@ use lb_common::Reason;
 
 use crate::{
     fragment,
-    lb::{Translation, Verdict},
+    lb::{self, Translation, Verdict},
     nat,
     packet::{self, Flow, MAX_HEADER_LEN, Packet},
     reject, route,
@@ -29,11 +29,15 @@ fn packet(ctx: &TcContext) -> Packet {
     Packet::new(ctx.data(), ctx.data_end())
 }
 
-/// Runs `pipeline` on the packet and applies its verdict: the counter
-/// reason, and the TC action when it is not the reason's default (a
-/// redirect).
+/// Runs `pipeline` on the packet, when `prefilter` lets it through, and
+/// applies its verdict: the counter reason, and the TC action when it is
+/// not the reason's default (a redirect).
 #[inline(always)]
-pub fn run(ctx: &TcContext, pipeline: fn(&Flow) -> Verdict) -> (Reason, Option<i32>) {
+pub fn run(
+    ctx: &TcContext,
+    prefilter: fn(&Flow) -> bool,
+    pipeline: fn(&Flow) -> Verdict,
+) -> (Reason, Option<i32>) {
     let pkt = packet(ctx);
     let mut flow = match packet::parse(&pkt) {
         Ok(flow) => flow,
@@ -41,6 +45,9 @@ pub fn run(ctx: &TcContext, pipeline: fn(&Flow) -> Verdict) -> (Reason, Option<i
     };
     if let Err(reason) = fragment::follow(&mut flow) {
         return (reason, None);
+    }
+    if !prefilter(&flow) {
+        return (lb::pass_reason(&flow), None);
     }
     match pipeline(&flow) {
         Verdict::Pass(reason) | Verdict::Drop(reason) => (reason, None),

@@ -106,8 +106,9 @@ impl Evictions {
     }
 }
 
-/// Reads every entry of a hash map in batches (`BPF_MAP_LOOKUP_BATCH`).
-fn read_batched<K: Default + Clone, V: Default + Clone>(
+/// Reads every entry of a hash or array map in batches
+/// (`BPF_MAP_LOOKUP_BATCH`).
+pub(crate) fn read_batched<K: Default + Clone, V: Default + Clone>(
     map: &MapData,
     mut each: impl FnMut(&K, &V),
 ) -> std::io::Result<()> {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use aya::maps::lpm_trie::Key;
+use aya::maps::{IterableMap, lpm_trie::Key};
 use lb_common::{AffinityKey, SockAffinityKey, SourceRangeKey};
 
 use crate::{
@@ -20,6 +20,9 @@ pub trait Dataplane {
     /// Drops the ClientIP affinity entries of these frontends (deleted, or
     /// their affinity turned off): a later Service never inherits them.
     fn forget_affinity(&mut self, frontend_ids: &BTreeSet<u32>) -> Result<(), Error>;
+
+    /// Writes word `index` of the per-packet path's pre-filter.
+    fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error>;
 }
 
 /// The in-memory dataplane of the tests.
@@ -34,6 +37,15 @@ impl Dataplane for State {
     }
 
     fn forget_affinity(&mut self, _frontend_ids: &BTreeSet<u32>) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+        if word == 0 {
+            self.addr_filter.remove(&index);
+        } else {
+            self.addr_filter.insert(index, word);
+        }
         Ok(())
     }
 }
@@ -78,7 +90,19 @@ impl Dataplane for Maps {
             .values()
             .map(|f| f.id)
             .fold(state.max_frontend_id_in_use, u32::max);
+        crate::conntrack::read_batched(self.addr_filter.map(), |index: &u32, word: &u64| {
+            if *word != 0 {
+                state.addr_filter.insert(*index, *word);
+            }
+        })
+        .map_err(|e| Error::MapWalk(lb_common::maps::ADDR_FILTER, e))?;
         Ok(state)
+    }
+
+    fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+        self.addr_filter
+            .set(index, word, 0)
+            .map_err(Error::map(lb_common::maps::ADDR_FILTER))
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {

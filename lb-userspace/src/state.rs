@@ -3,7 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use lb_common::{Backend, Frontend, FrontendKey, SlotKey, SourceRangeKey, backend_flags};
+use lb_common::{
+    Backend, Frontend, FrontendKey, SlotKey, SourceRangeKey,
+    addr_filter::{BACKENDS, FRONTENDS},
+    addr_filter_bit, backend_flags,
+};
 
 /// One allowed client network of one frontend: the key (network address
 /// masked to its length) and the network's prefix length.
@@ -25,6 +29,8 @@ pub struct State {
     /// The highest frontend id ever programmed or still named by conntrack
     /// or affinity entries: a new frontend never inherits another's.
     pub max_frontend_id_in_use: u32,
+    /// The pre-filter's words as written, by index (zero words left out).
+    pub addr_filter: BTreeMap<u32, u64>,
 }
 
 /// One map write. Applied in the order the diff returns them.
@@ -116,6 +122,16 @@ pub struct Mirror {
     slot_refs: HashMap<u32, u32>,
     /// Backends in service that no slot holds: they start draining.
     unslotted: BTreeSet<u32>,
+    /// How many frontend keys and backends have an address on each bit of
+    /// the pre-filter (`lb_common::addr_filter_bit`).
+    filter_refs: HashMap<u32, u32>,
+}
+
+/// The bit of the pre-filter that stands for `addr` in bitmap `set`,
+/// counted over all words.
+fn filter_bit(set: u32, addr: u32) -> u32 {
+    let (index, mask) = addr_filter_bit(set, addr);
+    index * 64 + mask.trailing_zeros()
 }
 
 impl Mirror {
@@ -138,6 +154,11 @@ impl Mirror {
         let mut mirror = Self::default();
         for id in state.slots.values() {
             *mirror.slot_refs.entry(*id).or_default() += 1;
+        }
+        let frontends = state.frontends.keys().map(|key| (FRONTENDS, key.addr));
+        let backends = state.backends.values().map(|b| (BACKENDS, b.addr));
+        for (set, addr) in frontends.chain(backends) {
+            *mirror.filter_refs.entry(filter_bit(set, addr)).or_default() += 1;
         }
         for (id, backend) in &state.backends {
             mirror.backend_ids.insert(identity(*backend), *id);
@@ -210,8 +231,106 @@ impl Mirror {
         self.state.source_ranges.range(first..=last)
     }
 
+    /// The pre-filter word to write before `op`, when the address `op`
+    /// adds (a new backend or frontend key) does not pass it yet.
+    pub fn filter_before(&self, op: &Op) -> Option<(u32, u64)> {
+        let (set, addr) = self.added_addr(op)?;
+        let (index, mask) = addr_filter_bit(set, addr);
+        let word = self.state.addr_filter.get(&index).copied().unwrap_or(0);
+        (word & mask == 0).then_some((index, word | mask))
+    }
+
+    /// The pre-filter bitmap and address `op` adds to the maps (a new
+    /// backend or frontend key), if any.
+    fn added_addr(&self, op: &Op) -> Option<(u32, u32)> {
+        match *op {
+            Op::PutBackend(id, backend) if !self.state.backends.contains_key(&id) => {
+                Some((BACKENDS, backend.addr))
+            }
+            Op::PutFrontend(key, _) if !self.state.frontends.contains_key(&key) => {
+                Some((FRONTENDS, key.addr))
+            }
+            _ => None,
+        }
+    }
+
+    /// The pre-filter bitmap and address `op` removes from the maps (a
+    /// backend or a frontend key deleted), if any.
+    pub fn removed_addr(&self, op: &Op) -> Option<(u32, u32)> {
+        match *op {
+            Op::DeleteBackend(id) => self.state.backends.get(&id).map(|b| (BACKENDS, b.addr)),
+            Op::DeleteFrontend(key) => self
+                .state
+                .frontends
+                .contains_key(&key)
+                .then_some((FRONTENDS, key.addr)),
+            _ => None,
+        }
+    }
+
+    /// The pre-filter word to write once `removed` (bitmap, address) is
+    /// gone, when it leaves a bit no other address needs.
+    pub fn filter_after(&self, (set, addr): (u32, u32)) -> Option<(u32, u64)> {
+        let (index, _) = addr_filter_bit(set, addr);
+        let wanted = self.filter_word(index);
+        (self.state.addr_filter.get(&index).copied().unwrap_or(0) != wanted)
+            .then_some((index, wanted))
+    }
+
+    /// Every word of the pre-filter that differs from what the addresses
+    /// in the maps need (after a re-read: drift, or a datapath that had no
+    /// pre-filter yet).
+    pub fn filter_drift(&self) -> Vec<(u32, u64)> {
+        let used = self.filter_refs.keys().map(|bit| bit >> 6);
+        let written = self.state.addr_filter.keys().copied();
+        let indexes: BTreeSet<u32> = used.chain(written).collect();
+        indexes
+            .into_iter()
+            .map(|index| (index, self.filter_word(index)))
+            .filter(|(index, word)| {
+                self.state.addr_filter.get(index).copied().unwrap_or(0) != *word
+            })
+            .collect()
+    }
+
+    /// Records a pre-filter word written.
+    pub fn filter_written(&mut self, index: u32, word: u64) {
+        if word == 0 {
+            self.state.addr_filter.remove(&index);
+        } else {
+            self.state.addr_filter.insert(index, word);
+        }
+    }
+
+    /// Word `index` of the pre-filter as the addresses in the maps need it.
+    fn filter_word(&self, index: u32) -> u64 {
+        (0..64)
+            .filter(|bit| self.filter_refs.contains_key(&(index * 64 + bit)))
+            .fold(0, |word, bit| word | 1 << bit)
+    }
+
+    /// One more (`add`) or one less address on `addr`'s bit of pre-filter
+    /// bitmap `set`.
+    fn count_addr(&mut self, (set, addr): (u32, u32), add: bool) {
+        let bit = filter_bit(set, addr);
+        if add {
+            *self.filter_refs.entry(bit).or_default() += 1;
+        } else if let Some(count) = self.filter_refs.get_mut(&bit) {
+            *count -= 1;
+            if *count == 0 {
+                self.filter_refs.remove(&bit);
+            }
+        }
+    }
+
     /// Applies one write that went through.
     pub fn apply(&mut self, op: &Op) {
+        if let Some(removed) = self.removed_addr(op) {
+            self.count_addr(removed, false);
+        }
+        if let Some(added) = self.added_addr(op) {
+            self.count_addr(added, true);
+        }
         match *op {
             Op::PutBackend(id, backend) => {
                 if let Some(old) = self.state.backends.get(&id) {

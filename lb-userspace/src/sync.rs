@@ -109,7 +109,7 @@ impl<D: Dataplane> Syncer<D> {
             .filter(|(_, b)| b.flags & backend_flags::DRAINING != 0)
             .map(|(id, _)| (*id, now))
             .collect();
-        Ok(Self {
+        let mut syncer = Self {
             dataplane,
             mirror,
             model: Model::new(node),
@@ -118,7 +118,10 @@ impl<D: Dataplane> Syncer<D> {
             datapath_problems: BTreeSet::new(),
             draining_since,
             retry: None,
-        })
+        };
+        // Before the programs that read it are attached.
+        syncer.fix_filter()?;
+        Ok(syncer)
     }
 
     /// Re-reads the dataplane, so that writes made behind our back are
@@ -142,7 +145,7 @@ impl<D: Dataplane> Syncer<D> {
         let backends = &self.mirror.state().backends;
         self.draining_since
             .retain(|id, _| backends.contains_key(id));
-        Ok(())
+        self.fix_filter()
     }
 
     pub fn dataplane(&self) -> &D {
@@ -360,10 +363,21 @@ impl<D: Dataplane> Syncer<D> {
         (writes.len(), None)
     }
 
-    /// One write, mirrored when it went through.
+    /// One write, mirrored when it went through. A new address is let
+    /// through the pre-filter before the entry that needs it; an address
+    /// removed leaves it after its entry.
     fn write(&mut self, op: &Op) -> Result<(), Error> {
+        if let Some((index, word)) = self.mirror.filter_before(op) {
+            self.write_filter(index, word)?;
+        }
+        let removed = self.mirror.removed_addr(op);
         self.dataplane.write(op)?;
         self.mirror.apply(op);
+        if let Some((index, word)) = removed.and_then(|removed| self.mirror.filter_after(removed)) {
+            // A bit left set only costs lookups: the next full check
+            // clears it.
+            let _ = self.write_filter(index, word);
+        }
         match *op {
             Op::PutBackend(id, backend) if backend.flags & backend_flags::DRAINING != 0 => {
                 self.draining_since.entry(id).or_insert_with(Instant::now);
@@ -372,6 +386,21 @@ impl<D: Dataplane> Syncer<D> {
                 self.draining_since.remove(&id);
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+        self.dataplane.write_filter(index, word)?;
+        self.mirror.filter_written(index, word);
+        Ok(())
+    }
+
+    /// Writes every pre-filter word that differs from what the maps'
+    /// addresses need: at the start, after a re-read.
+    fn fix_filter(&mut self) -> Result<(), Error> {
+        for (index, word) in self.mirror.filter_drift() {
+            self.write_filter(index, word)?;
         }
         Ok(())
     }
@@ -682,6 +711,10 @@ mod failures {
             }
             self.state.apply(op);
             Ok(())
+        }
+
+        fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
+            self.state.write_filter(index, word)
         }
 
         fn forget_affinity(&mut self, _: &BTreeSet<u32>) -> Result<(), Error> {
@@ -1112,7 +1145,45 @@ mod incremental {
                     fresh.dataplane().service_addrs,
                     "{context}: service addresses"
                 );
+                assert_eq!(
+                    syncer.dataplane().addr_filter,
+                    filter_of(syncer.dataplane()),
+                    "{context}: the pre-filter passes exactly the maps' addresses"
+                );
             }
         }
+    }
+
+    /// The pre-filter words the addresses in `state` need.
+    fn filter_of(state: &State) -> BTreeMap<u32, u64> {
+        use lb_common::addr_filter::{BACKENDS, FRONTENDS};
+        let mut words = BTreeMap::new();
+        let frontends = state.frontends.keys().map(|key| (FRONTENDS, key.addr));
+        let backends = state.backends.values().map(|b| (BACKENDS, b.addr));
+        for (set, addr) in frontends.chain(backends) {
+            let (index, mask) = lb_common::addr_filter_bit(set, addr);
+            *words.entry(index).or_default() |= mask;
+        }
+        words
+    }
+
+    #[test]
+    fn a_restart_writes_the_pre_filter_the_pinned_maps_need() {
+        // Maps of an agent that had no pre-filter, and a word no address
+        // needs any more.
+        let mut pinned = State::default();
+        let key = lb_common::FrontendKey {
+            addr: lb_common::ipv4_raw([10, 96, 0, 1]),
+            port: 80,
+            proto: lb_common::PROTO_TCP,
+            scope: 0,
+        };
+        pinned.frontends.insert(key, lb_common::Frontend::default());
+        pinned.addr_filter.insert(7, 1);
+        let syncer = Syncer::new(pinned, Node::default()).unwrap();
+        assert_eq!(
+            syncer.dataplane().addr_filter,
+            filter_of(syncer.dataplane())
+        );
     }
 }

@@ -103,7 +103,23 @@ impl TestLb {
             .backends
             .insert(id, value, 0)
             .expect("insert backend");
+        self.pass_filter(lb_common::addr_filter::BACKENDS, value.addr);
         id
+    }
+
+    /// Sets `addr`'s bit in bitmap `set` of the per-packet path's
+    /// pre-filter, as the agent does for every frontend and backend address.
+    pub fn pass_filter(&mut self, set: u32, addr: u32) {
+        let (index, mask) = lb_common::addr_filter_bit(set, addr);
+        let word = self
+            .maps
+            .addr_filter
+            .get(&index, 0)
+            .expect("read the filter");
+        self.maps
+            .addr_filter
+            .set(index, word | mask, 0)
+            .expect("write the filter");
     }
 
     /// Marks `ip` as an address only Services use (as the agent does for
@@ -267,6 +283,7 @@ impl TestLb {
             .frontends
             .insert(key, value, 0)
             .expect("insert frontend");
+        self.pass_filter(lb_common::addr_filter::FRONTENDS, key.addr);
         id
     }
 

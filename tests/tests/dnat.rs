@@ -117,3 +117,27 @@ fn new_flows_spread_over_all_backends() {
     assert_eq!(hits.len(), 3, "every backend chosen: {hits:?}");
     assert!(hits.values().all(|&n| n >= 50), "roughly even: {hits:?}");
 }
+
+#[test]
+fn the_pre_filter_gates_both_lookups() {
+    require_root!();
+    let mut lb = TestLb::load();
+    lb.add_frontend(VIP, PROTO_TCP, &[BACKEND]);
+    let input = Packet::tcp(CLIENT, VIP, flags::SYN).bytes();
+    // The frontend's bit cleared (and the client's never set): the packet
+    // is not looked up, so it passes as if no frontend were there — the
+    // agent keeps every frontend's and backend's bit set.
+    let vip = lb_common::ipv4_raw(addr(VIP).ip().octets());
+    let frontends = lb_common::addr_filter::FRONTENDS;
+    let (index, _) = lb_common::addr_filter_bit(frontends, vip);
+    lb.maps.addr_filter.set(index, 0, 0).unwrap();
+    let out = lb.run(FROM_POD, &input);
+    assert_eq!(out.frame, input, "passed untouched");
+    lb.pass_filter(frontends, vip);
+    let out = lb.run(FROM_POD, &input);
+    assert_eq!(seen(&out.frame).dst, addr(BACKEND), "looked up again");
+    assert_eq!(
+        lb.counted(),
+        vec![(Reason::PassNotLoadBalanced, 1), (Reason::ForwardNew, 1)]
+    );
+}
