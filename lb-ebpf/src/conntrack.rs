@@ -100,8 +100,12 @@ pub fn lookup(flow: &Flow, direction: u8, now: u64) -> Found {
     if entry.is_expired(flow.proto, now) {
         return Found::Stale(*entry);
     }
-    let is_new_syn = flow.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-    if is_new_syn && entry.state == ct_state::CLOSING {
+    // A SYN, or a SYN-ACK, against a closed flow opens another connection
+    // on the same tuple: a new flow's, or — for the SYN-ACK — one the
+    // socket path made to the backend itself, which must not be
+    // translated as the old flow's reply.
+    let opens = flow.tcp_flags & tcp_flags::SYN != 0;
+    if opens && entry.state == ct_state::CLOSING {
         return Found::Stale(*entry);
     }
     if flow.proto == PROTO_TCP {

@@ -73,8 +73,8 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
             (Reason::SockRejectNoBackend, ECONNREFUSED)
         };
         stats::count(reason, 0);
-        // SAFETY: a helper without pointers. It fails only on kernels
-        // before 5.18; the call is then refused with EPERM.
+        // SAFETY: a helper without pointers (these hooks have it from
+        // kernel 6.1, below xlb's 6.6).
         unsafe { bpf_set_retval(-error) };
         return REJECT;
     };

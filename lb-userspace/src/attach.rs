@@ -5,7 +5,7 @@
 //! unhandled.
 //!
 //! TC attaches through TCX links (kernel ≥ 6.6), XDP through XDP links,
-//! the socket path through cgroup links (kernel ≥ 5.7).
+//! the socket path through cgroup links (kernel ≥ 5.9 for `sock_release`).
 
 use std::{
     collections::BTreeSet,
@@ -176,7 +176,7 @@ pub fn attach_socket_lb(datapath: &mut Datapath, cgroup: &Path) -> Result<(), Er
     })?;
     let dir = File::open(cgroup)
         .and_then(|dir| Ok((dir.metadata()?.ino(), dir)))
-        .map_err(|e| Error::attach(&what, "socket programs", AttachError::Pin(e)));
+        .map_err(|e| Error::SocketLb(format!("opening the cgroup {}: {e}", cgroup.display())));
     let (cgroup_id, dir) = dir?;
     for name in SOCK_ADDR {
         let program = datapath.sock_addr_program(name)?;
@@ -185,7 +185,7 @@ pub fn attach_socket_lb(datapath: &mut Datapath, cgroup: &Path) -> Result<(), Er
             cgroup_id,
             program_fd(program.fd()),
             || {
-                // Through a link (kernel ≥ 5.7), which always lets other
+                // Through a link, which always lets other
                 // programs run beside it; the mode must then be the default.
                 let id = program
                     .attach(&dir, CgroupAttachMode::default())
@@ -244,10 +244,12 @@ fn attach_cgroup(
     let old = bpf_link::open_pin(pin).ok();
     if let Some(link) = &old
         && bpf_link::cgroup_id(link.as_fd()).ok() == Some(cgroup_id)
+        && bpf_link::update(link.as_fd(), program?.as_fd()).is_ok()
     {
-        return bpf_link::update(link.as_fd(), program?.as_fd()).map_err(AttachError::Pin);
+        return Ok(());
     }
-    drop(program);
+    // Another cgroup's link, or one that no longer takes an update: a new
+    // one replaces it.
     let link = create()?;
     if old.is_some() {
         fs::remove_file(pin).map_err(AttachError::Pin)?;

@@ -28,6 +28,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_NOEXIST: u64 = 1;
 
 /// The batch part of `union bpf_attr` (linux/bpf.h).
@@ -142,6 +143,27 @@ pub(crate) fn read_batched<K: Default + Clone, V: Default + Clone>(
         in_batch = out_batch;
         first = false;
     }
+}
+
+/// Writes `entries` into a hash or array map in one call
+/// (`BPF_MAP_UPDATE_BATCH`); on a failure, those before it are written.
+pub(crate) fn update_batched<K: Copy, V: Copy>(
+    map: &MapData,
+    entries: &[(K, V)],
+) -> std::io::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<K> = entries.iter().map(|(key, _)| *key).collect();
+    let values: Vec<V> = entries.iter().map(|(_, value)| *value).collect();
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: entries.len() as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
 }
 
 /// The socket path's pinned reverse map, counted at each walk.

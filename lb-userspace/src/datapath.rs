@@ -57,6 +57,29 @@ pub struct Settings {
     pub lose_flow_race: bool,
 }
 
+/// Pinned maps whose size is part of the programs' layout (they index them
+/// by a computed number): a pin of another size, left by another version,
+/// is dropped and the map made anew. What they hold is disposable: the
+/// counters, and the pre-filter, which the agent rewrites before it
+/// attaches the programs that read it.
+const SIZED_BY_LAYOUT: [(&str, u32); 2] = [
+    (maps::COUNTERS, lb_common::REASON_COUNT as u32),
+    (maps::ADDR_FILTER, maps::ADDR_FILTER_WORDS),
+];
+
+fn drop_resized_pins(bpffs: &Path) -> Result<(), Error> {
+    for (name, size) in SIZED_BY_LAYOUT {
+        let pin = bpffs.join(name);
+        let Ok(map) = aya::maps::MapData::from_pin(&pin) else {
+            continue;
+        };
+        if map.info().map(|info| info.max_entries()).ok() != Some(size) {
+            std::fs::remove_file(&pin).map_err(|source| Error::Bpffs { path: pin, source })?;
+        }
+    }
+    Ok(())
+}
+
 /// Which sockets the socket path balances (`--socket-lb`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SocketLb {
@@ -82,6 +105,7 @@ impl Datapath {
     /// and pinned there.
     pub fn load(bpffs: &Path, settings: &Settings) -> Result<Self, Error> {
         bpffs::ensure_dir(bpffs)?;
+        drop_resized_pins(bpffs)?;
         let snat_addr = settings.snat_addr.map_or(0, |ip| ipv4_raw(ip.octets()));
         let lose_flow_race = u8::from(settings.lose_flow_race);
         let host_netns = match settings.socket_lb {

@@ -23,6 +23,14 @@ pub trait Dataplane {
 
     /// Writes word `index` of the per-packet path's pre-filter.
     fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error>;
+
+    /// Writes several words of the pre-filter (at once where the map
+    /// allows); on a failure, some may be written.
+    fn write_filters(&mut self, words: &[(u32, u64)]) -> Result<(), Error> {
+        words
+            .iter()
+            .try_for_each(|(index, word)| self.write_filter(*index, *word))
+    }
 }
 
 /// The in-memory dataplane of the tests.
@@ -103,6 +111,11 @@ impl Dataplane for Maps {
         self.addr_filter
             .set(index, word, 0)
             .map_err(Error::map(lb_common::maps::ADDR_FILTER))
+    }
+
+    fn write_filters(&mut self, words: &[(u32, u64)]) -> Result<(), Error> {
+        crate::conntrack::update_batched(self.addr_filter.map(), words)
+            .map_err(|e| Error::MapWalk(lb_common::maps::ADDR_FILTER, e))
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {

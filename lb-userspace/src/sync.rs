@@ -263,6 +263,12 @@ impl<D: Dataplane> Syncer<D> {
         problems: &mut BTreeSet<Problem>,
     ) {
         let forget = affinity_to_forget(&plan.ops(), self.mirror.state());
+        // Every address the units add passes the pre-filter first, in one
+        // write; what fails here is written op by op below.
+        let words = self
+            .mirror
+            .filter_before_all(plan.frontends.iter().flat_map(|unit| &unit.writes));
+        let _ = self.write_filters(words);
         let mut held = BTreeSet::new();
         self.unprogrammed.extend(unprogrammed);
         self.write_all(&plan.service_addrs, report, problems);
@@ -399,10 +405,27 @@ impl<D: Dataplane> Syncer<D> {
     /// Writes every pre-filter word that differs from what the maps'
     /// addresses need: at the start, after a re-read.
     fn fix_filter(&mut self) -> Result<(), Error> {
-        for (index, word) in self.mirror.filter_drift() {
-            self.write_filter(index, word)?;
+        let words = self.mirror.filter_drift();
+        self.write_filters(words)
+    }
+
+    /// Writes pre-filter words, at once where the dataplane can; when that
+    /// fails part-way, word by word, so that the record says exactly what
+    /// was written.
+    fn write_filters(&mut self, words: Vec<(u32, u64)>) -> Result<(), Error> {
+        if self.dataplane.write_filters(&words).is_ok() {
+            for (index, word) in words {
+                self.mirror.filter_written(index, word);
+            }
+            return Ok(());
         }
-        Ok(())
+        let mut failure = Ok(());
+        for (index, word) in words {
+            if let Err(err) = self.write_filter(index, word) {
+                failure = Err(err);
+            }
+        }
+        failure
     }
 
     /// Takes in a conntrack walk that started at `started`: ids its live

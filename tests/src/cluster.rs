@@ -431,7 +431,17 @@ impl Cluster {
                 }
                 Ok(())
             },
-        )
+        )?;
+        // And synced once: a `connect()` balanced at the socket before its
+        // frontend exists is never balanced again (a SYN per packet would
+        // be, at its retransmission).
+        let readyz = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256);
+        eventually("agent ready", Duration::from_secs(10), || {
+            self.check_agent_alive(node)?;
+            let (status, _) = self.http_get(node, readyz, "/readyz")?;
+            anyhow::ensure!(status == 200, "/readyz: {status}");
+            Ok(())
+        })
     }
 
     /// The cgroup of node `node` (its agent's `--cgroup`).

@@ -63,3 +63,21 @@ fn concurrent_mounters_mount_one_bpffs() {
     bpffs::ensure_dir_under(&root_path, &root_path.join("later")).unwrap();
     assert_eq!(mounts_at(&root_path), 1);
 }
+
+/// An upgrade over pins of another version whose counters map is smaller
+/// (fewer drop reasons then): it is made anew, so the new reasons count
+/// and `xlb stats` reads them all.
+#[test]
+fn maps_sized_by_the_layout_are_made_anew_at_another_size() {
+    require_root!();
+    use lb_userspace::{Datapath, datapath::Settings};
+    let pins = xlb_tests::pins::PinDir::new();
+    let older = Settings {
+        capacities: vec![(lb_common::maps::COUNTERS, 18)],
+        ..Settings::default()
+    };
+    drop(Datapath::load(pins.path(), &older).expect("the older layout"));
+    let mut datapath = Datapath::load(pins.path(), &Settings::default()).expect("the upgrade");
+    let maps = datapath.take_maps().expect("maps");
+    maps.counter_totals().expect("every reason's counter");
+}

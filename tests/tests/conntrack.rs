@@ -160,6 +160,29 @@ fn syn_after_close_starts_a_new_flow() {
     );
 }
 
+/// A client that reuses a closed flow's port for a connection straight to
+/// the backend (balanced at the socket, or direct): the backend's SYN-ACK
+/// belongs to that connection and must pass as it is, not be translated
+/// into the old flow's reply from the Service.
+#[test]
+fn a_syn_ack_against_a_closed_flow_passes_untranslated() {
+    require_root!();
+    let mut lb = lb(PROTO_TCP);
+    let backend = backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::SYN));
+    backend_of(&mut lb, &Packet::tcp(CLIENT, VIP, flags::RST));
+    let syn_ack = Packet::tcp(&backend.to_string(), CLIENT, flags::SYN | flags::ACK).bytes();
+    let out = lb.run(TO_POD, &syn_ack);
+    assert_eq!(out.frame, syn_ack, "the direct connection's SYN-ACK");
+    assert_eq!(
+        lb.counted(),
+        vec![
+            (Reason::PassNotLoadBalanced, 1),
+            (Reason::ForwardNew, 1),
+            (Reason::ForwardEstablished, 1)
+        ]
+    );
+}
+
 /// A flow closes when its second FIN is seen, however long the first
 /// direction was idle: both entries live their 2 s from then, so the
 /// client's last ACK still belongs to the flow.
