@@ -201,6 +201,17 @@ pub fn bench_report() -> Result<()> {
 pub fn demo() -> Result<()> {
     setup::run()?;
     build::all()?;
+    // The demo's node-side client: a process, since cgroup hooks act on
+    // processes.
+    exec(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--package",
+        "xlb-tests",
+        "--bin",
+        "xlb-test-client",
+    ]))?;
     exec(with_root_runner(
         cargo()
             .args([

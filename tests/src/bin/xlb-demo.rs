@@ -96,6 +96,13 @@ fn main() -> Result<()> {
         let reply = reply?;
         println!("From={} ClientIP={}", reply.from, reply.client_ip);
     }
+    println!(
+        "\n== curl http://{}  (x10, from node1 itself, host network: balanced at the\n   socket, connect() goes straight to a backend; the socket still shows the Service)",
+        frontend()
+    );
+    for line in cluster.node_client(0, &["tcp", &frontend().to_string(), "10"])? {
+        println!("{line}");
+    }
     let node1 = std::net::SocketAddrV4::new(cluster.nodes[0].ip, NODE_PORT);
     println!(
         "\n== curl http://{node1}  (x10, from {EXTERNAL_CLIENT_IP} outside the cluster;\n   pods on node2 see node1's address: SNAT, externalTrafficPolicy Cluster)"
