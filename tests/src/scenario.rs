@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::{
     cluster::Cluster,
-    manifests::{Endpoint, Port, documents, endpoint_slice, service},
+    manifests::{Endpoint, Port, documents, endpoint_slice, service, service_with},
 };
 
 pub const SERVICE: &str = "sample-clusterip";
@@ -64,4 +64,39 @@ pub fn running() -> Result<Cluster> {
     )?;
     cluster.start_agents()?;
     Ok(cluster)
+}
+
+/// A Service of the rule tests on `ip`: TCP and UDP port `port` to the
+/// replicas' `TARGET_PORT`, extra metadata and spec lines, over `endpoints`.
+pub fn rule_service(
+    name: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    metadata: &str,
+    spec: &str,
+    endpoints: &[Endpoint],
+) -> String {
+    let ports = [Port::tcp("", port), Port::udp("udp", port)];
+    let slice_ports = [Port::tcp("", TARGET_PORT), Port::udp("udp", TARGET_PORT)];
+    let target = TARGET_PORT.to_string();
+    documents(&[
+        service_with(name, ip, &ports, &[&target, &target], metadata, spec),
+        endpoint_slice(name, &format!("{name}-1"), &slice_ports, endpoints),
+    ])
+}
+
+/// The replicas as endpoints, in their nodes' zones and (when `hinted`)
+/// hinted for them.
+pub fn replicas(cluster: &Cluster, hinted: bool) -> Vec<Endpoint<'_>> {
+    REPLICAS
+        .iter()
+        .map(|(name, node)| {
+            let zone = cluster.nodes[*node].zone.as_str();
+            Endpoint {
+                zone: Some(zone),
+                for_zones: if hinted { vec![zone] } else { vec![] },
+                ..Endpoint::ready(cluster.pod(name).ip, &cluster.nodes[*node].name)
+            }
+        })
+        .collect()
 }

@@ -13,15 +13,13 @@ use std::{
 use xlb_tests::{
     cluster::Cluster,
     echo::tcp_request,
-    manifests::{Endpoint, Port, documents, endpoint_slice, service, service_with},
+    manifests::{Endpoint, Port, documents, service},
     require_root,
-    scenario::{self, REPLICAS, TARGET_PORT},
+    scenario::{self, REPLICAS, replicas},
 };
 
 const PORT: u16 = 80;
 
-/// A Service (TCP and UDP port 80) over `endpoints`, with extra metadata
-/// and spec lines.
 fn rule_service(
     name: &str,
     ip: Ipv4Addr,
@@ -29,27 +27,7 @@ fn rule_service(
     spec: &str,
     endpoints: &[Endpoint],
 ) -> String {
-    let ports = [Port::tcp("", PORT), Port::udp("udp", PORT)];
-    let slice_ports = [Port::tcp("", TARGET_PORT), Port::udp("udp", TARGET_PORT)];
-    documents(&[
-        service_with(name, ip, &ports, &["80", "80"], metadata, spec),
-        endpoint_slice(name, &format!("{name}-1"), &slice_ports, endpoints),
-    ])
-}
-
-/// The replicas as endpoints, with zones and (when `hinted`) zone hints.
-fn replicas(cluster: &Cluster, hinted: bool) -> Vec<Endpoint<'_>> {
-    REPLICAS
-        .iter()
-        .map(|(name, node)| {
-            let zone = cluster.nodes[*node].zone.as_str();
-            Endpoint {
-                zone: Some(zone),
-                for_zones: if hinted { vec![zone] } else { vec![] },
-                ..Endpoint::ready(cluster.pod(name).ip, &cluster.nodes[*node].name)
-            }
-        })
-        .collect()
+    scenario::rule_service(name, ip, PORT, metadata, spec, endpoints)
 }
 
 fn start(cluster: &mut Cluster, docs: &[String]) {

@@ -121,8 +121,7 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|name| name.to_string()).collect()
 }
 
-/// A Service (TCP and UDP port `PORT` → `TARGET_PORT`) on `ip` over
-/// `endpoints`, with extra metadata and spec lines.
+/// A Service on `ip`, port `PORT`, over `endpoints`.
 fn rule_service(
     name: &str,
     ip: Ipv4Addr,
@@ -130,29 +129,12 @@ fn rule_service(
     spec: &str,
     endpoints: &[Endpoint],
 ) -> String {
-    let ports = [Port::tcp("", PORT), Port::udp("udp", PORT)];
-    let slice_ports = [Port::tcp("", TARGET_PORT), Port::udp("udp", TARGET_PORT)];
-    let target = TARGET_PORT.to_string();
-    documents(&[
-        service_with(name, ip, &ports, &[&target, &target], metadata, spec),
-        endpoint_slice(name, &format!("{name}-1"), &slice_ports, endpoints),
-    ])
+    scenario::rule_service(name, ip, PORT, metadata, spec, endpoints)
 }
 
-/// The scenario's replicas as endpoints, in their nodes' zones, hinted
-/// for them.
+/// The replicas, hinted for their zones.
 fn replicas(cluster: &Cluster) -> Vec<Endpoint<'_>> {
-    REPLICAS
-        .iter()
-        .map(|(name, node)| {
-            let zone = cluster.nodes[*node].zone.as_str();
-            Endpoint {
-                zone: Some(zone),
-                for_zones: vec![zone],
-                ..Endpoint::ready(cluster.pod(name).ip, &cluster.nodes[*node].name)
-            }
-        })
-        .collect()
+    scenario::replicas(cluster, true)
 }
 
 fn start(cluster: &mut Cluster, docs: &[String], agent_args: &[&str]) {
