@@ -25,7 +25,7 @@ use crate::{
     datapath::{Settings, SocketLb},
     health_check::HealthChecks,
     metrics::{self, Endpoints, Metrics},
-    model::{Model, Node},
+    model::{Model, Node, allocate::Ranges},
     netif,
     problem::Problem,
     source::{Change, file::FileSource, kube::KubeSource},
@@ -41,7 +41,9 @@ enum Source {
 impl Source {
     fn start(config: &SourceConfig, node: &str) -> Result<Self, Error> {
         Ok(match config {
-            SourceConfig::File(path) => Source::File(Box::new(FileSource::new(path.clone()))),
+            SourceConfig::File { manifests, .. } => {
+                Source::File(Box::new(FileSource::new(manifests.clone())))
+            }
             SourceConfig::Kube { kubeconfig } => {
                 Source::Kube(crate::source::kube::start(kubeconfig.as_deref(), node)?)
             }
@@ -109,8 +111,9 @@ const RETRY_INTERFACES: Duration = Duration::from_secs(60);
 
 /// Where the agent reads Services and EndpointSlices.
 pub enum SourceConfig {
-    /// YAML files under this path.
-    File(PathBuf),
+    /// YAML files under this path; Services written without ClusterIPs or
+    /// node ports are given them from these ranges.
+    File { manifests: PathBuf, ranges: Ranges },
     /// The API server, through this kubeconfig or the inferred config.
     Kube { kubeconfig: Option<PathBuf> },
 }
@@ -210,6 +213,10 @@ pub fn run(config: Config) -> Result<(), Error> {
     let mut maps = datapath.take_maps()?;
     attach::set_xdp_tx_interfaces(&mut maps.xdp_tx_ifaces, &xdp_tx_interfaces)?;
     let mut syncer = Syncer::new(maps, config.node.clone())?;
+    if let SourceConfig::File { ranges, .. } = &config.source {
+        // No API server fills in what manifests leave out: the model does.
+        *syncer.model() = Model::allocating(config.node.clone(), ranges.clone());
+    }
     let conntrack = ConntrackTable::open(&config.bpffs)?;
     let sock_rev = SockRevTable::open(&config.bpffs)?;
     if conntrack.capacity() != config.conntrack_max {
@@ -303,6 +310,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
         synced_once = true;
         health_checks.sync(&report.health_checks, &syncer.model().node().ips);
+        for notice in &report.notices {
+            info!("{notice}");
+        }
         for problem in &report.new_problems {
             warn!(object = %problem.object, reason = problem.reason.label(), "skipped: {}", problem.reason);
             metrics.count_invalid(&problem.reason);
@@ -365,6 +375,7 @@ fn apply_changes(
         match change {
             Change::Service(name, object) => model.put_service(name, object),
             Change::Slice(name, object) => model.put_slice(name, object),
+            Change::Endpoints(name, object) => model.put_endpoints(name, object),
             Change::Problems(origin, problems) => model.set_source_problems(&origin, problems),
             Change::Node(name, node) => {
                 node_changed |= name == flags.name;

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent, attach, cleanup,
     inspect::{self, Format},
-    model::Node,
+    model::{Node, allocate::Ranges},
     netif,
 };
 
@@ -113,6 +113,14 @@ struct AgentArgs {
     /// File or directory of YAML manifests (file source).
     #[arg(long)]
     manifests: Option<PathBuf>,
+    /// Where ClusterIPs of Services written without one are allocated
+    /// from (file source; as kube-apiserver's flag).
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = Ranges::parse_cluster_ips)]
+    service_cluster_ip_range: (Ipv4Addr, u8),
+    /// Where node ports of NodePort and LoadBalancer ports written without
+    /// one are allocated from (file source; as kube-apiserver's flag).
+    #[arg(long, default_value = "30000-32767", value_parser = Ranges::parse_node_ports)]
+    service_node_port_range: std::ops::RangeInclusive<u16>,
     /// kubeconfig of the kube source [default: in-cluster config, else
     /// $KUBECONFIG or ~/.kube/config].
     #[arg(long)]
@@ -262,10 +270,15 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         None => SourceKind::File,
     };
     let source = match source {
-        SourceKind::File => agent::SourceConfig::File(
-            args.manifests
+        SourceKind::File => agent::SourceConfig::File {
+            manifests: args
+                .manifests
                 .context("--source file needs --manifests PATH")?,
-        ),
+            ranges: Ranges {
+                cluster_ips: args.service_cluster_ip_range,
+                node_ports: args.service_node_port_range,
+            },
+        },
         SourceKind::Kube => agent::SourceConfig::Kube {
             kubeconfig: args.kubeconfig,
         },

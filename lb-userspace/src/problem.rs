@@ -20,6 +20,8 @@ pub enum Invalid {
     Capacity(String),
     #[error("conflicts with another object: {0}")]
     Conflict(String),
+    #[error("nothing left to allocate: {0}")]
+    RangeFull(String),
 }
 
 impl Invalid {
@@ -33,6 +35,7 @@ impl Invalid {
             Invalid::Unsupported(_) => "unsupported",
             Invalid::Capacity(_) => "capacity",
             Invalid::Conflict(_) => "conflict",
+            Invalid::RangeFull(_) => "range_full",
         }
     }
 
@@ -46,6 +49,7 @@ impl Invalid {
             Invalid::Unsupported(_) => "Unsupported",
             Invalid::Capacity(_) => "OverCapacity",
             Invalid::Conflict(_) => "Conflict",
+            Invalid::RangeFull(_) => "RangeFull",
         }
     }
 }

@@ -67,6 +67,9 @@ pub struct SyncReport {
     pub drift: usize,
     /// Problems not seen before (or seen again after they went away).
     pub new_problems: Vec<Problem>,
+    /// What the model decided on its own (allocations, Endpoints not
+    /// mirrored), each told once.
+    pub notices: Vec<String>,
     pub frontends: usize,
     pub backends: usize,
     /// The whole sync.
@@ -224,6 +227,7 @@ impl<D: Dataplane> Syncer<D> {
             }
         };
         report.new_problems.extend(self.model.take_new_problems());
+        report.notices = self.model.take_notices();
         let unprogrammed: BTreeSet<Problem> = self.unprogrammed.values().cloned().collect();
         report.new_problems.extend(
             unprogrammed
@@ -647,7 +651,7 @@ mod transitions {
                 used,
                 "{step}: stray backends (the others drain)"
             );
-            let (desired, _): (Desired, _) = crate::model::desired(&snapshot, &node);
+            let (desired, _): (Desired, _) = crate::model::desired(&snapshot, &node, None);
             assert_eq!(desired.frontends.len(), frontends, "{step}");
         }
     }
@@ -1148,7 +1152,7 @@ mod incremental {
                 let text = objects.values().cloned().collect::<Vec<_>>().join("---\n");
                 let mut snapshot = Snapshot::default();
                 parse_into("test", &text, &mut snapshot);
-                let (fold, _) = model::desired(&snapshot, &node);
+                let (fold, _) = model::desired(&snapshot, &node, None);
                 assert_eq!(syncer.model.desired(), fold, "{context}: model");
                 let (full, _) = full_plan(&syncer.model, &syncer.mirror);
                 assert_eq!(

@@ -4,7 +4,7 @@ use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
 
 use super::{
     Endpoint, ObjectName, Protocol, intern,
-    manifest::EndpointSlice,
+    manifest::{self, EndpointSlice},
     service::{ServicePort, valid_port},
 };
 use crate::problem::{Invalid, Problem};
@@ -143,6 +143,116 @@ fn parse(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) -> Op
         });
     }
     Some(Slice { ports, endpoints })
+}
+
+/// What keeps an Endpoints object from being mirrored: the label (value
+/// `true`), and the annotation of leader-election locks.
+const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+const LEADER_ANNOTATION: &str = "control-plane.alpha.kubernetes.io/leader";
+/// The mirroring controller's default `--mirroring-max-endpoints-per-subset`.
+const MAX_MIRRORED_PER_SUBSET: usize = 1000;
+
+/// A `v1 Endpoints` as the model keeps it: the slices the EndpointSlice
+/// mirroring controller makes of it, one per subset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointsObject {
+    /// `None`: not mirrored (labelled so, or a leader-election lock).
+    pub slices: Option<Vec<Slice>>,
+    pub problems: Vec<Problem>,
+}
+
+/// Parses one Endpoints object into the slices mirroring would make: each
+/// subset's ports; its `addresses` ready, its `notReadyAddresses` not, at
+/// most [`MAX_MIRRORED_PER_SUBSET`] of them; a bad address or port is
+/// skipped alone and reported; IPv6 addresses belong to IPv6 slices (not
+/// ours yet).
+pub fn parse_endpoints(object: &manifest::Endpoints) -> (ObjectName, EndpointsObject) {
+    let name = ObjectName::of(&object.metadata);
+    let meta = &object.metadata;
+    let skipped = meta
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.get(SKIP_MIRROR_LABEL).is_some_and(|v| v == "true"))
+        || meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(LEADER_ANNOTATION));
+    if skipped {
+        let unmirrored = EndpointsObject {
+            slices: None,
+            problems: Vec::new(),
+        };
+        return (name, unmirrored);
+    }
+    let what = format!("Endpoints {name}");
+    let mut problems = Vec::new();
+    let mut slices = Vec::new();
+    for subset in &object.subsets {
+        let mut ports = Vec::new();
+        for port in &subset.ports {
+            let Some(raw) = port.port else { continue };
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Some(Protocol::Tcp),
+                "UDP" => Some(Protocol::Udp),
+                "SCTP" => None,
+                other => {
+                    problems.push(Problem::new(&what, Invalid::Protocol(other.to_owned())));
+                    continue;
+                }
+            };
+            let Some(number) = valid_port(raw) else {
+                problems.push(Problem::new(&what, Invalid::Port(raw)));
+                continue;
+            };
+            ports.push(SlicePort {
+                name: port.name.clone().unwrap_or_default(),
+                port: number,
+                protocol,
+            });
+        }
+        let addresses = subset
+            .addresses
+            .iter()
+            .map(|a| (a, true))
+            .chain(subset.not_ready_addresses.iter().map(|a| (a, false)));
+        let mut endpoints = Vec::new();
+        for (address, ready) in addresses {
+            let ip = match address.ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) => ip,
+                Ok(std::net::IpAddr::V6(_)) => continue,
+                Err(_) => {
+                    problems.push(Problem::new(&what, Invalid::Ip(address.ip.clone())));
+                    continue;
+                }
+            };
+            if endpoints.len() == MAX_MIRRORED_PER_SUBSET {
+                let more = format!(
+                    "more than {MAX_MIRRORED_PER_SUBSET} addresses in one subset \
+                     (the rest are not mirrored, as in a cluster)"
+                );
+                problems.push(Problem::new(&what, Invalid::Unsupported(more)));
+                break;
+            }
+            endpoints.push(EndpointInfo {
+                ip,
+                ready,
+                serving: ready,
+                terminating: false,
+                node_name: address.node_name.as_deref().map(intern),
+                zone: None,
+                for_zones: Box::default(),
+                for_nodes: Box::default(),
+            });
+        }
+        slices.push(Slice { ports, endpoints });
+    }
+    (
+        name,
+        EndpointsObject {
+            slices: Some(slices),
+            problems,
+        },
+    )
 }
 
 /// Every endpoint of `port` over all `slices` (sorted by slice name), with

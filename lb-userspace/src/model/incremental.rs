@@ -11,6 +11,13 @@
 //!   (a problem), and takes over when the first lets go;
 //! - the addresses only Services use count the frontends on each address.
 //!
+//! - an Endpoints object (file source) is mirrored into slices for the
+//!   Service of its name when that Service selects no pods and has no
+//!   slices of its own;
+//! - a model that allocates (file source) gives ClusterIPs and node ports
+//!   to Services written without them, around every explicit value
+//!   (`allocate`); a Service whose allocation moves is recomputed.
+//!
 //! A change of the node's identity marks every Service.
 
 use std::{
@@ -21,7 +28,10 @@ use std::{
 
 use super::{
     Desired, DesiredFrontend, FrontendAddr, HealthCheck, Node, ObjectName, ServiceObject,
-    SliceObject, service_frontends,
+    SliceObject,
+    allocate::{Allocator, Ranges},
+    endpoints::EndpointsObject,
+    service_frontends,
 };
 use crate::{
     problem::{Invalid, Problem},
@@ -92,6 +102,9 @@ impl<T> Claims<T> {
 enum Origin {
     Service(ObjectName),
     Slice(ObjectName),
+    Endpoints(ObjectName),
+    /// What a Service asked to be allocated and did not get.
+    Allocation(ObjectName),
     /// A file or another part of a source (documents that do not parse).
     Source(String),
     /// Two Services claim one frontend address.
@@ -106,6 +119,12 @@ pub struct Model {
     node: Node,
     services: HashMap<ObjectName, ServiceObject>,
     slices: HashMap<ObjectName, SliceObject>,
+    /// Endpoints objects, named as their Service.
+    endpoints: HashMap<ObjectName, EndpointsObject>,
+    /// Endpoints not mirrored because their Service has slices (told once).
+    endpoints_ignored: BTreeSet<ObjectName>,
+    /// Gives values to Services written without them (file source only).
+    allocator: Option<Allocator>,
     /// Slice names by the Service they belong to (same namespace).
     /// (Sorted; nearly always one, so not a set, which allocates a node.)
     slices_of: HashMap<ObjectName, Vec<String>>,
@@ -123,6 +142,9 @@ pub struct Model {
     problems: BTreeMap<Origin, Vec<Problem>>,
     /// Problems that appeared since the last [`Model::take_new_problems`].
     new_problems: Vec<Problem>,
+    /// What the model decided on its own since the last
+    /// [`Model::take_notices`] (an allocation, Endpoints not mirrored).
+    notices: Vec<String>,
     /// Addresses only Services use that changed since the last update
     /// (frontends came to or left an address, the node's addresses moved).
     pending: Changes,
@@ -139,6 +161,17 @@ impl Model {
     pub fn new(node: Node) -> Self {
         Self {
             node,
+            ..Self::default()
+        }
+    }
+
+    /// A model that allocates ClusterIPs and node ports from `ranges` to
+    /// Services written without them (the file source's: there is no API
+    /// server to do it).
+    pub fn allocating(node: Node, ranges: Ranges) -> Self {
+        Self {
+            node,
+            allocator: Some(Allocator::new(ranges)),
             ..Self::default()
         }
     }
@@ -173,11 +206,15 @@ impl Model {
             .as_ref()
             .map(|o| o.problems.clone())
             .unwrap_or_default();
-        let changed = match object {
-            Some(object) => self.services.insert(name.clone(), object.clone()) != Some(object),
-            None => self.services.remove(&name).is_some(),
+        let old = match &object {
+            Some(object) => self.services.insert(name.clone(), object.clone()),
+            None => self.services.remove(&name),
         };
-        if changed {
+        if old != object {
+            if let Some(allocator) = &mut self.allocator {
+                let parsed = |o: &Option<ServiceObject>| o.as_ref().and_then(|o| o.service.clone());
+                allocator.service_changed(&name, parsed(&old).as_ref(), parsed(&object).as_ref());
+            }
             self.set_problems(Origin::Service(name.clone()), problems);
             self.dirty.insert(name);
         }
@@ -222,6 +259,22 @@ impl Model {
         }
     }
 
+    /// An Endpoints object was added or changed (`Some`), or deleted.
+    pub fn put_endpoints(&mut self, name: ObjectName, object: Option<EndpointsObject>) {
+        let problems = object
+            .as_ref()
+            .map(|o| o.problems.clone())
+            .unwrap_or_default();
+        let old = match &object {
+            Some(object) => self.endpoints.insert(name.clone(), object.clone()),
+            None => self.endpoints.remove(&name),
+        };
+        if old != object {
+            self.set_problems(Origin::Endpoints(name.clone()), problems);
+            self.dirty.insert(name);
+        }
+    }
+
     /// The problems of a part of the source (a file), replacing its
     /// earlier ones.
     pub fn set_source_problems(&mut self, origin: &str, problems: Vec<Problem>) {
@@ -239,6 +292,23 @@ impl Model {
             .iter()
             .map(super::parse_slice)
             .collect();
+        let endpoints: HashMap<ObjectName, EndpointsObject> = snapshot
+            .endpoints
+            .iter()
+            .map(super::parse_endpoints)
+            .collect();
+        let gone_endpoints: Vec<ObjectName> = self
+            .endpoints
+            .keys()
+            .filter(|name| !endpoints.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone_endpoints {
+            self.put_endpoints(name, None);
+        }
+        for (name, object) in endpoints {
+            self.put_endpoints(name, Some(object));
+        }
         let gone_services: Vec<ObjectName> = self
             .services
             .keys()
@@ -272,9 +342,39 @@ impl Model {
         // The programmed value of each touched address before the update.
         let mut before: BTreeMap<FrontendAddr, Option<Arc<DesiredFrontend>>> = BTreeMap::new();
         let mut touched_checks = BTreeSet::new();
+        let reallocated = self
+            .allocator
+            .as_mut()
+            .map(Allocator::reallocate)
+            .unwrap_or_default();
+        for (name, allocation) in reallocated {
+            let given = allocation.as_ref().map(ToString::to_string);
+            if let Some(given) = given.filter(|g| !g.is_empty()) {
+                self.notices
+                    .push(format!("Service {name}: allocated {given}"));
+            }
+            let problems = allocation
+                .iter()
+                .flat_map(|a| &a.not_given)
+                .map(|what| {
+                    Problem::new(format!("Service {name}"), Invalid::RangeFull(what.clone()))
+                })
+                .collect();
+            self.set_problems(Origin::Allocation(name.clone()), problems);
+            self.dirty.insert(name);
+        }
         for name in std::mem::take(&mut self.dirty) {
             let old = self.outputs.remove(&name).unwrap_or_default();
-            let new = self.compute(&name);
+            let (new, endpoints_ignored) = self.compute(&name);
+            if endpoints_ignored {
+                if self.endpoints_ignored.insert(name.clone()) {
+                    self.notices.push(format!(
+                        "Endpoints {name} not mirrored: Service {name} has EndpointSlices, which win"
+                    ));
+                }
+            } else {
+                self.endpoints_ignored.remove(&name);
+            }
             for addr in old
                 .frontends
                 .iter()
@@ -344,12 +444,15 @@ impl Model {
         changes
     }
 
-    /// One Service's frontends, as the rules give them now.
-    fn compute(&self, name: &ObjectName) -> super::ServiceFrontends {
-        let Some(service) = self.services.get(name).and_then(|s| s.service.as_ref()) else {
-            return super::ServiceFrontends::default();
+    /// One Service's frontends, as the rules give them now; whether its
+    /// Endpoints went unmirrored because it has slices of its own.
+    fn compute(&self, name: &ObjectName) -> (super::ServiceFrontends, bool) {
+        let Some(written) = self.services.get(name).and_then(|s| s.service.as_ref()) else {
+            return Default::default();
         };
-        let slices: Vec<_> = self
+        let allocated = self.allocator.as_ref().and_then(|a| a.fill(name, written));
+        let service = allocated.as_ref().unwrap_or(written);
+        let mut slices: Vec<_> = self
             .slices_of
             .get(name)
             .into_iter()
@@ -359,7 +462,22 @@ impl Model {
                 self.slices.get(&key)?.slice.as_ref()
             })
             .collect();
-        service_frontends(name, service, &slices, &self.node)
+        // The mirroring controller's rules: Endpoints of a Service that
+        // selects no pods; slices of the Service's own win.
+        let mirrored = self
+            .endpoints
+            .get(name)
+            .and_then(|e| e.slices.as_ref())
+            .filter(|_| !service.has_selector);
+        let mut endpoints_ignored = false;
+        if let Some(mirrored) = mirrored {
+            match slices.is_empty() {
+                true => slices.extend(mirrored),
+                false => endpoints_ignored = true,
+            }
+        }
+        let frontends = service_frontends(name, service, &slices, &self.node);
+        (frontends, endpoints_ignored)
     }
 
     fn claim(&mut self, addr: FrontendAddr, name: &ObjectName, frontend: Arc<DesiredFrontend>) {
@@ -445,6 +563,12 @@ impl Model {
         std::mem::take(&mut self.new_problems)
     }
 
+    /// What the model decided on its own since the last call (an
+    /// allocation, Endpoints not mirrored), each told once.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
+    }
+
     /// Every current problem.
     pub fn problems(&self) -> Vec<Problem> {
         self.problems.values().flatten().cloned().collect()
@@ -513,7 +637,10 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{model::Scope, source::file::parse_into};
+    use crate::{
+        model::{Scope, allocate::Ranges},
+        source::file::parse_into,
+    };
 
     fn node() -> Node {
         Node {
@@ -645,6 +772,86 @@ mod tests {
         assert!(changes.frontends.contains(&nodeport("192.168.0.2")));
         assert!(model.frontend(&nodeport("192.168.0.1")).is_none());
         assert!(model.frontend(&nodeport("192.168.0.2")).is_some());
+    }
+
+    fn put_endpoints(model: &mut Model, yaml: &str) {
+        let mut snapshot = Snapshot::default();
+        parse_into("test", yaml, &mut snapshot);
+        for endpoints in &snapshot.endpoints {
+            let (name, object) = super::super::parse_endpoints(endpoints);
+            model.put_endpoints(name, Some(object));
+        }
+    }
+
+    #[test]
+    fn endpoints_are_mirrored_until_the_service_has_slices_of_its_own() {
+        let mut model = Model::new(node());
+        put(&mut model, &service("a", "172.16.0.1"));
+        put_endpoints(
+            &mut model,
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: a}\nsubsets: [{addresses: [{ip: 192.0.2.1}], ports: [{port: 8080}]}]\n",
+        );
+        model.update();
+        let addr = external("172.16.0.1");
+        assert_eq!(backends(&model, &addr), ["192.0.2.1:8080"]);
+        assert!(model.take_notices().is_empty());
+        // Slices of its own win, and that is told once.
+        put(&mut model, &slice("a-1", "a", "10.244.0.1"));
+        assert!(model.update().frontends.contains(&addr));
+        assert_eq!(backends(&model, &addr), ["10.244.0.1:8080"]);
+        let notices = model.take_notices();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].contains("Endpoints default/a not mirrored"));
+        model.put_service(ObjectName::new("default", "a"), None);
+        put(&mut model, &service("a", "172.16.0.1"));
+        model.update();
+        assert!(model.take_notices().is_empty(), "told once");
+        // The slice goes: the Endpoints count again.
+        model.put_slice(ObjectName::new("default", "a-1"), None);
+        model.update();
+        assert_eq!(backends(&model, &addr), ["192.0.2.1:8080"]);
+    }
+
+    #[test]
+    fn an_allocating_model_gives_values_logs_them_once_and_moves_them_for_explicit_ones() {
+        let mut model = Model::allocating(node(), Ranges::default());
+        put(
+            &mut model,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
+        );
+        model.update();
+        let notices = model.take_notices();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].starts_with("Service default/web: allocated clusterIP 10."));
+        let web: Vec<FrontendAddr> = model.frontends().map(|(a, _)| *a).collect();
+        assert_eq!(web.len(), 1);
+        let ip = web[0].ip;
+        // An unrelated Service changes nothing of web's.
+        put(&mut model, &service("other", "172.16.0.9"));
+        let changes = model.update();
+        assert!(!changes.frontends.contains(&web[0]));
+        assert!(model.take_notices().is_empty());
+        // A Service writing web's address explicitly takes it: web moves.
+        put(
+            &mut model,
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: taker}}\nspec: {{clusterIP: {ip}, ports: [{{port: 443}}]}}\n"
+            ),
+        );
+        let changes = model.update();
+        assert!(changes.frontends.contains(&web[0]), "web left {ip}");
+        assert!(model.frontend(&web[0]).is_none());
+        let notices = model.take_notices();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(!notices[0].contains(&format!("clusterIP {ip}")));
+        // A model that does not allocate leaves the Service without one.
+        let mut plain = Model::new(node());
+        put(
+            &mut plain,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
+        );
+        plain.update();
+        assert_eq!(plain.frontends().count(), 0);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct ServiceSpec {
     pub internal_traffic_policy: Option<String>,
     pub health_check_node_port: Option<i32>,
     pub traffic_distribution: Option<String>,
+    /// Only whether there is one matters: the EndpointSlice mirroring
+    /// controller mirrors the Endpoints of Services without one.
+    pub selector: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -147,6 +150,37 @@ pub struct EndpointHints {
 pub struct Named {
     #[serde(deserialize_with = "null_as_default")]
     pub name: String,
+}
+
+/// A `v1 Endpoints`: what people write for a Service without a selector
+/// (the EndpointSlice mirroring controller turns it into slices).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Endpoints {
+    #[serde(deserialize_with = "null_as_default")]
+    pub metadata: Metadata,
+    #[serde(deserialize_with = "null_as_default")]
+    pub subsets: Vec<EndpointSubset>,
+}
+
+/// Addresses that share a set of ports.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EndpointSubset {
+    #[serde(deserialize_with = "null_as_default")]
+    pub addresses: Vec<EndpointAddress>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub not_ready_addresses: Vec<EndpointAddress>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EndpointAddress {
+    #[serde(deserialize_with = "null_as_default")]
+    pub ip: String,
+    pub node_name: Option<String>,
 }
 
 /// A `v1 Node`.

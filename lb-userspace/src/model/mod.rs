@@ -9,6 +9,7 @@
 //! and each Service's frontends, recomputing only the Services a change
 //! touched. [`desired`] is the fold over every Service, for a snapshot.
 
+pub mod allocate;
 mod endpoints;
 mod incremental;
 pub mod manifest;
@@ -23,7 +24,9 @@ use std::{
 };
 
 pub use self::{
-    endpoints::{Slice, SliceObject, parse_object as parse_slice},
+    endpoints::{
+        EndpointsObject, Slice, SliceObject, parse_endpoints, parse_object as parse_slice,
+    },
     incremental::{Changes, Model},
     service::{ParsedService, ServiceObject, parse_object as parse_service},
 };
@@ -229,10 +232,19 @@ pub struct Desired {
 }
 
 /// Applies every rule to `snapshot` for `node`: the fold of
-/// [`service_frontends`] over every Service. Objects that break a rule are
-/// skipped and returned as problems; they never affect the others.
-pub fn desired(snapshot: &Snapshot, node: &Node) -> (Desired, Vec<Problem>) {
-    let mut model = Model::new(node.clone());
+/// [`service_frontends`] over every Service; with `allocate`, Services
+/// written without ClusterIPs or node ports are given them from those
+/// ranges (the file source). Objects that break a rule are skipped and
+/// returned as problems; they never affect the others.
+pub fn desired(
+    snapshot: &Snapshot,
+    node: &Node,
+    allocate: Option<allocate::Ranges>,
+) -> (Desired, Vec<Problem>) {
+    let mut model = match allocate {
+        Some(ranges) => Model::allocating(node.clone(), ranges),
+        None => Model::new(node.clone()),
+    };
     model.replace_all(snapshot);
     model.update();
     let mut problems = model.problems();

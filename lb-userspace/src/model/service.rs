@@ -28,6 +28,17 @@ pub struct ServicePort {
     pub protocol: Protocol,
     /// The node port, for NodePort and LoadBalancer Services that have one.
     pub node_port: Option<u16>,
+    /// A NodePort or LoadBalancer port written without its node port (the
+    /// file source allocates one).
+    pub wants_node_port: bool,
+}
+
+impl ServicePort {
+    /// What names the port among its Service's for allocation:
+    /// `port/protocol`, unique within a Service.
+    pub fn allocation_key(&self) -> String {
+        format!("{}/{}", self.port, self.protocol)
+    }
 }
 
 /// Which endpoints topology lets a node prefer (KEP-2433, KEP-3015).
@@ -45,6 +56,8 @@ pub enum Topology {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedService {
     pub cluster_ips: Vec<Ipv4Addr>,
+    /// Written without a clusterIP (the file source allocates one).
+    pub wants_cluster_ip: bool,
     pub external_ips: Vec<Ipv4Addr>,
     pub load_balancer_ips: Vec<Ipv4Addr>,
     /// `loadBalancerSourceRanges`, as (network, prefix length).
@@ -57,7 +70,13 @@ pub struct ParsedService {
     /// ClientIP session affinity timeout in seconds.
     pub affinity_timeout: Option<u32>,
     pub health_check_node_port: Option<u16>,
+    /// A LoadBalancer with a Local policy written without its
+    /// healthCheckNodePort (the file source allocates one).
+    pub wants_health_check_node_port: bool,
     pub topology: Topology,
+    /// Whether it selects pods; the Endpoints of a Service that does not
+    /// are mirrored into slices.
+    pub has_selector: bool,
 }
 
 /// A Service as the model keeps it: validated once, whatever the node, with
@@ -127,6 +146,7 @@ fn parse(
         }
         Some(v4)
     };
+    let wants_cluster_ip = raw_ips.iter().all(|ip| ip.is_empty());
     let cluster_ips = ips("clusterIP", &raw_ips)?;
     let raw_external: Vec<&str> = spec
         .external_ips
@@ -135,17 +155,31 @@ fn parse(
         .map(String::as_str)
         .collect();
     let external_ips = ips("externalIP", &raw_external)?;
-    let raw_lb: Vec<&str> = if type_ == "LoadBalancer" {
-        svc.status
+    // An ingress address is the load balancer's report, not the user's
+    // spec: a bad one is skipped alone, as kube-proxy does.
+    let mut load_balancer_ips = Vec::new();
+    if type_ == "LoadBalancer" {
+        let ingress_ips = svc
+            .status
             .iter()
             .flat_map(|s| s.load_balancer.iter())
             .flat_map(|lb| lb.ingress.iter().flatten())
             .filter_map(|ingress| ingress.ip.as_deref())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let load_balancer_ips = ips("load balancer IP", &raw_lb)?;
+            .filter(|ip| !ip.is_empty());
+        for raw in ingress_ips {
+            match raw.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => load_balancer_ips.push(ip),
+                Ok(IpAddr::V6(_)) => problems.push(Problem::new(
+                    &object,
+                    Invalid::Unsupported(format!("IPv6 load balancer IP {raw}")),
+                )),
+                Err(_) => problems.push(Problem::new(
+                    format!("{object} status.loadBalancer.ingress"),
+                    Invalid::Ip(raw.to_owned()),
+                )),
+            }
+        }
+    }
     let mut source_ranges = Vec::new();
     for raw in spec.load_balancer_source_ranges.iter().flatten() {
         match parse_cidr(raw.trim()) {
@@ -196,6 +230,7 @@ fn parse(
             port: number,
             protocol,
             node_port,
+            wants_node_port: has_node_ports && node_port.is_none(),
         });
     }
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -208,11 +243,13 @@ fn parse(
     });
     let external_local = matches!(type_, "NodePort" | "LoadBalancer")
         && spec.external_traffic_policy.as_deref() == Some("Local");
+    let has_health_check = type_ == "LoadBalancer" && external_local;
     let health_check_node_port = spec
         .health_check_node_port
-        .filter(|_| type_ == "LoadBalancer" && external_local)
+        .filter(|_| has_health_check)
         .and_then(valid_port);
     Some(ParsedService {
+        wants_cluster_ip,
         cluster_ips,
         external_ips,
         load_balancer_ips,
@@ -222,6 +259,8 @@ fn parse(
         external_local,
         affinity_timeout,
         health_check_node_port,
+        wants_health_check_node_port: has_health_check && health_check_node_port.is_none(),
+        has_selector: spec.selector.as_ref().is_some_and(|s| !s.is_empty()),
         topology: topology(
             svc.metadata.annotations.as_ref(),
             spec.traffic_distribution.as_deref(),

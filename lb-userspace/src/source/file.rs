@@ -1,5 +1,6 @@
-//! The file source: multi-document Kubernetes YAML (Services and
-//! `discovery.k8s.io/v1` EndpointSlices, also inside `kind: List` as
+//! The file source: multi-document Kubernetes YAML (Services,
+//! `discovery.k8s.io/v1` EndpointSlices, `v1` Endpoints and Nodes, also
+//! inside `kind: List` as
 //! `kubectl get -o yaml` prints several objects) from a file or a directory,
 //! read incrementally ([`FileSource`]) or at once ([`read`]).
 
@@ -21,7 +22,7 @@ use super::{Change, Snapshot};
 use crate::{
     model::{
         self, ObjectName,
-        manifest::{EndpointSlice, Node, Service},
+        manifest::{EndpointSlice, Endpoints, Node, Service},
     },
     problem::{Invalid, Problem},
 };
@@ -89,6 +90,7 @@ const RESCAN: Duration = Duration::from_secs(10);
 enum ObjectKey {
     Service(ObjectName),
     Slice(ObjectName),
+    Endpoints(ObjectName),
     Node(String),
 }
 
@@ -97,6 +99,7 @@ impl fmt::Display for ObjectKey {
         match self {
             ObjectKey::Service(name) => write!(f, "Service {name}"),
             ObjectKey::Slice(name) => write!(f, "EndpointSlice {name}"),
+            ObjectKey::Endpoints(name) => write!(f, "Endpoints {name}"),
             ObjectKey::Node(name) => write!(f, "Node {name}"),
         }
     }
@@ -562,6 +565,7 @@ fn deleted(key: &ObjectKey) -> Change {
     match key {
         ObjectKey::Service(name) => Change::Service(name.clone(), None),
         ObjectKey::Slice(name) => Change::Slice(name.clone(), None),
+        ObjectKey::Endpoints(name) => Change::Endpoints(name.clone(), None),
         ObjectKey::Node(name) => Change::Node(name.clone(), None),
     }
 }
@@ -608,6 +612,13 @@ impl ParsedFile {
                 Change::Slice(name, Some(object)),
             );
         }
+        for endpoints in &snapshot.endpoints {
+            let (name, object) = model::parse_endpoints(endpoints);
+            self.objects.insert(
+                ObjectKey::Endpoints(name.clone()),
+                Change::Endpoints(name, Some(object)),
+            );
+        }
         for node in &snapshot.nodes {
             let node = model::Node::from_manifest(node);
             self.objects.insert(
@@ -626,6 +637,7 @@ pub fn parse_into(origin: &str, text: &str, snapshot: &mut Snapshot) {
     }) {
         snapshot.services.extend(part.services);
         snapshot.endpoint_slices.extend(part.endpoint_slices);
+        snapshot.endpoints.extend(part.endpoints);
         snapshot.nodes.extend(part.nodes);
         snapshot.problems.extend(part.problems);
     }
@@ -686,6 +698,9 @@ fn parse_document(name: &str, document: &str, snapshot: &mut Snapshot) {
         }
         Some(("discovery.k8s.io/v1", "EndpointSlice")) => {
             serde_yaml_ng::from_str(document).map(|slice| snapshot.endpoint_slices.push(slice))
+        }
+        Some(("v1", "Endpoints")) => {
+            serde_yaml_ng::from_str(document).map(|endpoints| snapshot.endpoints.push(endpoints))
         }
         Some(("v1", "Node")) => {
             serde_yaml_ng::from_str(document).map(|node| snapshot.nodes.push(node))
@@ -782,6 +797,8 @@ fn add_object(name: &str, value: Value, snapshot: &mut Snapshot) {
             serde_yaml_ng::from_value::<EndpointSlice>(value)
                 .map(|slice| snapshot.endpoint_slices.push(slice))
         }
+        ("v1", "Endpoints") => serde_yaml_ng::from_value::<Endpoints>(value)
+            .map(|endpoints| snapshot.endpoints.push(endpoints)),
         ("v1", "Node") => {
             serde_yaml_ng::from_value::<Node>(value).map(|node| snapshot.nodes.push(node))
         }
@@ -859,6 +876,7 @@ items:
                         .map_or("deleted".into(), |s| s.cluster_ips[0].to_string())
                 )),
                 Change::Slice(name, _) => Some(format!("slice {name}")),
+                Change::Endpoints(name, _) => Some(format!("endpoints {name}")),
                 Change::Node(name, _) => Some(format!("node {name}")),
                 Change::Problems(..) => None,
             })

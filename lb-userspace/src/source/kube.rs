@@ -362,6 +362,9 @@ mod slim {
                 internal_traffic_policy: spec.internal_traffic_policy.clone(),
                 health_check_node_port: spec.health_check_node_port,
                 traffic_distribution: spec.traffic_distribution.clone(),
+                // Only the file source mirrors Endpoints (in a cluster the
+                // mirroring controller writes the slices).
+                selector: None,
             }),
             status: service.status.as_ref().map(|status| ServiceStatus {
                 load_balancer: status.load_balancer.as_ref().map(|lb| LoadBalancerStatus {

@@ -8,8 +8,8 @@ pub mod kube;
 
 use crate::{
     model::{
-        self, ObjectName, ServiceObject, SliceObject,
-        manifest::{EndpointSlice, Node, Service},
+        self, EndpointsObject, ObjectName, ServiceObject, SliceObject,
+        manifest::{EndpointSlice, Endpoints, Node, Service},
     },
     problem::Problem,
 };
@@ -19,6 +19,9 @@ use crate::{
 pub struct Snapshot {
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
+    /// `v1 Endpoints` (file source: mirrored into slices, as the
+    /// EndpointSlice mirroring controller does in a cluster).
+    pub endpoints: Vec<Endpoints>,
     /// Node objects (the kube source watches this node's; manifests may
     /// carry one to give a node its zone and addresses).
     pub nodes: Vec<Node>,
@@ -31,6 +34,7 @@ pub struct Snapshot {
 pub enum Change {
     Service(ObjectName, Option<ServiceObject>),
     Slice(ObjectName, Option<SliceObject>),
+    Endpoints(ObjectName, Option<EndpointsObject>),
     /// A Node object, by name, as the identity it gives a node.
     Node(String, Option<model::Node>),
     /// The problems of one part of the source (a file), replacing its
