@@ -122,3 +122,41 @@ pub struct SourceRangeKey {
     pub addr: u32,
 }
 map_type!(SourceRangeKey, 8);
+
+/// Longest `namespace/name:port-name` a frontend's name holds: a
+/// namespace and a Service name of 63 bytes each, a port name of 15, and
+/// the separators; longer names are cut.
+pub const SERVICE_NAME_LEN: usize = 144;
+
+/// Value of the frontend-names map: which Service port a frontend belongs
+/// to, `namespace/name:port-name` in UTF-8, zero-padded. Only inspection
+/// reads it (`xlb services`), with the agent running or not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub bytes: [u8; SERVICE_NAME_LEN],
+}
+map_type!(ServiceName, SERVICE_NAME_LEN);
+
+impl ServiceName {
+    /// `name`, cut at [`SERVICE_NAME_LEN`] bytes (on a character boundary).
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(SERVICE_NAME_LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; SERVICE_NAME_LEN];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        Self { bytes }
+    }
+
+    /// The name (up to the first zero byte).
+    pub fn as_str(&self) -> &str {
+        let end = self
+            .bytes
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.bytes[..end]).unwrap_or("")
+    }
+}

@@ -6,6 +6,10 @@ pub const FRONTENDS: &str = "XLB_FRONTENDS";
 /// Capacity of [`FRONTENDS`].
 pub const FRONTENDS_MAX: u32 = 131_072;
 
+/// Frontend names: frontend id (`u32`) → [`crate::ServiceName`]. For
+/// inspection only: no program reads it.
+pub const FRONTEND_NAMES: &str = "XLB_FRONTEND_NAMES";
+
 /// Backend slots: [`crate::SlotKey`] → backend id (`u32`).
 pub const SLOTS: &str = "XLB_SLOTS";
 /// Capacity of [`SLOTS`].
@@ -90,8 +94,9 @@ pub const ADDR_FILTER_SET_WORDS: u32 = 1 << 14;
 pub const ADDR_FILTER_WORDS: u32 = 2 * ADDR_FILTER_SET_WORDS;
 
 /// Every pinned map, for cleanup and inspection.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     FRONTENDS,
+    FRONTEND_NAMES,
     SERVICE_ADDRS,
     SLOTS,
     BACKENDS,

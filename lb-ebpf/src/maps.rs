@@ -10,9 +10,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, FragmentKey, FragmentPorts,
-    Frontend, FrontendKey, REASON_COUNT, SlotKey, SockAffinityKey, SockRevEntry, SockRevKey,
-    SourceRangeKey, ct_event, maps,
+    Frontend, FrontendKey, REASON_COUNT, ServiceName, SlotKey, SockAffinityKey, SockRevEntry,
+    SockRevKey, SourceRangeKey, ct_event, maps,
 };
+
+/// Which Service port each frontend belongs to, by frontend id: written
+/// by the agent for `xlb services`; no program reads it.
+#[map(name = "XLB_FRONTEND_NAMES")]
+pub static FRONTEND_NAMES: HashMap<u32, ServiceName> =
+    HashMap::pinned(maps::FRONTENDS_MAX, BPF_F_NO_PREALLOC);
 
 /// What clients address: (address, port, protocol, scope) → frontend.
 #[map(name = "XLB_FRONTENDS")]

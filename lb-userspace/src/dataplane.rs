@@ -65,6 +65,12 @@ impl Dataplane for Maps {
             let (key, value) = entry.map_err(Error::map(lb_common::maps::FRONTENDS))?;
             state.frontends.insert(key, value);
         }
+        for entry in self.frontend_names.iter() {
+            let (id, name) = entry.map_err(Error::map(lb_common::maps::FRONTEND_NAMES))?;
+            state
+                .frontend_names
+                .insert(id, crate::state::name_digest(&name));
+        }
         for entry in self.slots.iter() {
             let (key, value) = entry.map_err(Error::map(lb_common::maps::SLOTS))?;
             state.slots.insert(key, value);
@@ -119,7 +125,9 @@ impl Dataplane for Maps {
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {
-        use lb_common::maps::{BACKENDS, FRONTENDS, SERVICE_ADDRS, SLOTS, SOURCE_RANGES};
+        use lb_common::maps::{
+            BACKENDS, FRONTEND_NAMES, FRONTENDS, SERVICE_ADDRS, SLOTS, SOURCE_RANGES,
+        };
         match *op {
             Op::PutBackend(id, value) => self
                 .backends
@@ -147,6 +155,13 @@ impl Dataplane for Maps {
                 .map_err(Error::map(FRONTENDS)),
             Op::DeleteFrontend(key) => {
                 ignore_missing(self.frontends.remove(&key)).map_err(Error::map(FRONTENDS))
+            }
+            Op::PutFrontendName(id, name) => self
+                .frontend_names
+                .insert(id, name, 0)
+                .map_err(Error::map(FRONTEND_NAMES)),
+            Op::DeleteFrontendName(id) => {
+                ignore_missing(self.frontend_names.remove(&id)).map_err(Error::map(FRONTEND_NAMES))
             }
             Op::DeleteSlot(key) => {
                 ignore_missing(self.slots.remove(&key)).map_err(Error::map(SLOTS))

@@ -14,14 +14,14 @@ use std::{
 };
 
 use lb_common::{
-    Backend, Frontend, FrontendKey, MAX_TIERS, SlotKey, SourceRangeKey, backend_flags,
+    Backend, Frontend, FrontendKey, MAX_TIERS, ServiceName, SlotKey, SourceRangeKey, backend_flags,
     frontend_flags, ipv4_octets, ipv4_raw, port_raw, scope,
 };
 
 use crate::{
     model::{Changes, Desired, DesiredFrontend, Endpoint, FrontendAddr, Model, Protocol, Scope},
     problem::{Invalid, Problem},
-    state::{Mirror, Op, SourceRange, identity},
+    state::{Mirror, Op, SourceRange, identity, name_digest},
 };
 
 /// The map key of a frontend address.
@@ -132,8 +132,15 @@ pub fn full_plan(model: &impl Wanted, current: &Mirror) -> (Plan, Vec<CapacityPr
             planner.remove(*key, old);
         }
     }
-    // Slots and source ranges of no frontend.
+    // Slots, source ranges and names of no frontend.
     let ids: BTreeSet<u32> = state.frontends.values().map(|f| f.id).collect();
+    planner.cleanup.slots.extend(
+        state
+            .frontend_names
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .map(|id| Op::DeleteFrontendName(*id)),
+    );
     planner.cleanup.slots.extend(
         state
             .slots
@@ -279,6 +286,9 @@ impl<'a> Planner<'a> {
     /// A frontend that goes: its entry, then its source ranges and slots.
     fn remove(&mut self, key: FrontendKey, old: &Frontend) {
         self.cleanup.frontends.push(Op::DeleteFrontend(key));
+        if self.current.state().frontend_names.contains_key(&old.id) {
+            self.cleanup.slots.push(Op::DeleteFrontendName(old.id));
+        }
         self.cleanup.source_ranges.extend(
             self.current
                 .source_ranges_of(old.id)
@@ -372,6 +382,11 @@ impl<'a> Planner<'a> {
             flags,
             affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
         };
+        // Named before it is reachable, for `xlb services`.
+        let name = ServiceName::new(&frontend.service_port);
+        if state.frontend_names.get(&id) != Some(&name_digest(&name)) {
+            writes.push(Op::PutFrontendName(id, name));
+        }
         if old != Some(&value) {
             writes.push(Op::PutFrontend(key, value));
         }
@@ -591,7 +606,8 @@ mod tests {
     fn cold_sync_programs_everything_in_make_before_break_order() {
         let desired = cluster(3, 4);
         let (plan, _) = full_plan(&desired, &Mirror::default());
-        assert_eq!(plan.ops().len(), 3 * 4 + 3 * 4 + 3);
+        // Backends, slots, and each frontend's name and entry.
+        assert_eq!(plan.ops().len(), 3 * 4 + 3 * 4 + 3 * 2);
         assert_eq!(plan.frontends.len(), 3, "a unit per frontend");
         for unit in &plan.frontends {
             let ops = &unit.writes;
@@ -707,6 +723,35 @@ mod tests {
             })
             .expect("the new backend is written");
         assert!(new_id > removed);
+    }
+
+    #[test]
+    fn a_frontend_is_named_before_it_is_reachable_renamed_and_unnamed_with_it() {
+        let mut desired = cluster(2, 1);
+        let mut state = synced(&desired);
+        let id = state.frontends[&frontend_key(&frontend(1))].id;
+        let name = |service_port: &str| name_digest(&ServiceName::new(service_port));
+        assert_eq!(state.frontend_names[&id], name("default/svc-1:http"));
+        // Renamed (a frontend another Service takes over): one write.
+        desired
+            .frontends
+            .get_mut(&frontend(1))
+            .unwrap()
+            .service_port = "shop/web".into();
+        let (ops, _) = diff(&desired, &state);
+        assert_eq!(ops, [Op::PutFrontendName(id, ServiceName::new("shop/web"))]);
+        apply(&mut state, &ops);
+        assert!(diff(&desired, &state).0.is_empty(), "unchanged: no write");
+        // Gone: its name goes after its entry; a stray name goes too.
+        state.frontend_names.insert(999, name("default/old"));
+        desired.frontends.remove(&frontend(1));
+        let (ops, _) = diff(&desired, &state);
+        let entry = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteFrontend(..)));
+        let unnamed = ops.iter().position(|op| *op == Op::DeleteFrontendName(id));
+        assert!(entry < unnamed && unnamed.is_some(), "{ops:?}");
+        assert!(ops.contains(&Op::DeleteFrontendName(999)));
     }
 
     #[test]

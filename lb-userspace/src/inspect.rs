@@ -50,18 +50,39 @@ fn render(format: Format, rows: Vec<Vec<String>>, json: Value) -> String {
     out
 }
 
-/// Frontends with their backends, tier by tier.
-pub fn services(bpffs: &Path, format: Format) -> Result<String, Error> {
-    let state = Maps::open_pinned(bpffs)?.read()?;
+/// Whether `filter` (`name`, `namespace/name` or `namespace/name:port`)
+/// names the Service port `service_port` (`namespace/name[:port]`).
+fn names_service(filter: &str, service_port: &str) -> bool {
+    let service = service_port.split(':').next().unwrap_or(service_port);
+    let name = service.split('/').nth(1).unwrap_or(service);
+    filter == service_port || filter == service || filter == name
+}
+
+/// Frontends with the Service port they belong to and their backends, tier
+/// by tier; with `service`, only that Service's (`name`,
+/// `namespace/name`, or `namespace/name:port`).
+pub fn services(bpffs: &Path, format: Format, service: Option<&str>) -> Result<String, Error> {
+    let maps = Maps::open_pinned(bpffs)?;
+    let state = maps.read()?;
+    let mut names = std::collections::HashMap::new();
+    for entry in maps.frontend_names.iter() {
+        let (id, name) = entry.map_err(Error::map(lb_common::maps::FRONTEND_NAMES))?;
+        names.insert(id, name.as_str().to_owned());
+    }
     let mut rows = vec![vec![
         "FRONTEND".into(),
         "PROTO".into(),
         "SCOPE".into(),
+        "SERVICE".into(),
         "ID".into(),
         "BACKENDS".into(),
     ]];
     let mut json = Vec::new();
     for (key, frontend) in &state.frontends {
+        let name = names.get(&frontend.id).map_or("", String::as_str);
+        if service.is_some_and(|filter| !names_service(filter, name)) {
+            continue;
+        }
         let slots = state.slots_of(frontend);
         let mut start = 0;
         let mut tiers = Vec::new();
@@ -91,6 +112,11 @@ pub fn services(bpffs: &Path, format: Format) -> Result<String, Error> {
             addr(key.addr, key.port),
             proto(key.proto),
             scope.into(),
+            if name.is_empty() {
+                "?".into()
+            } else {
+                name.into()
+            },
             frontend.id.to_string(),
             if shown.iter().all(String::is_empty) {
                 "(none)".into()
@@ -102,6 +128,7 @@ pub fn services(bpffs: &Path, format: Format) -> Result<String, Error> {
             "frontend": addr(key.addr, key.port),
             "protocol": proto(key.proto),
             "scope": scope,
+            "service": name,
             "id": frontend.id,
             "tiers": tiers,
         }));
@@ -261,4 +288,19 @@ pub fn affinity(bpffs: &Path, format: Format) -> Result<String, Error> {
         }));
     }
     Ok(render(format, rows, Value::Array(json)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_service_is_named_by_name_namespace_and_port() {
+        let named = |filter| super::names_service(filter, "shop/web:http");
+        assert!(named("web"));
+        assert!(named("shop/web"));
+        assert!(named("shop/web:http"));
+        assert!(!named("shop/web:metrics"));
+        assert!(!named("default/web"));
+        assert!(!named("we"));
+        assert!(super::names_service("web", "shop/web"));
+    }
 }

@@ -30,5 +30,13 @@ pub mod state;
 pub mod sync;
 
 pub use datapath::Datapath;
+
+/// FNV-1a: a hash every build and machine computes alike (the standard
+/// library's may change between releases).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 pub use error::Error;
 pub use maps::Maps;

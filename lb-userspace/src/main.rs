@@ -40,8 +40,9 @@ enum Command {
     /// Run the agent: keep the datapath equal to the Services and
     /// EndpointSlices of the source.
     Agent(Box<AgentArgs>),
-    /// Frontends and their backends, tier by tier.
-    Services(InspectArgs),
+    /// Frontends, the Service port each belongs to, and their backends,
+    /// tier by tier.
+    Services(ServicesArgs),
     /// Backends by id.
     Backends(InspectArgs),
     /// Conntrack entries.
@@ -200,6 +201,16 @@ struct AgentArgs {
 }
 
 #[derive(Args)]
+struct ServicesArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// Only this Service's frontends: NAME (any namespace),
+    /// NAMESPACE/NAME, or NAMESPACE/NAME:PORT-NAME.
+    #[arg(long)]
+    service: Option<String>,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     /// The agent's bpffs directory.
     #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -222,7 +233,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(*args),
-        Command::Services(args) => print(inspect::services, args),
+        Command::Services(args) => {
+            let service = args.service;
+            let services = |bpffs: &std::path::Path, format| {
+                inspect::services(bpffs, format, service.as_deref())
+            };
+            print(services, args.inspect)
+        }
         Command::Backends(args) => print(inspect::backends, args),
         Command::Conntrack(args) => print(inspect::conntrack, args),
         Command::Affinity(args) => print(inspect::affinity, args),
@@ -239,7 +256,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn print(
-    command: fn(&std::path::Path, Format) -> Result<String, lb_userspace::Error>,
+    command: impl Fn(&std::path::Path, Format) -> Result<String, lb_userspace::Error>,
     args: InspectArgs,
 ) -> Result<()> {
     let format = match args.output {

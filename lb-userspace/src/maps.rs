@@ -6,8 +6,8 @@ use std::path::Path;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Counter, CtEntry, CtKey, Frontend, FrontendKey,
-    REASON_COUNT, Reason, SlotKey, SockAffinityKey, SockRevEntry, SockRevKey, SourceRangeKey,
-    ct_event, maps,
+    REASON_COUNT, Reason, ServiceName, SlotKey, SockAffinityKey, SockRevEntry, SockRevKey,
+    SourceRangeKey, ct_event, maps,
 };
 
 use crate::Error;
@@ -15,6 +15,7 @@ use crate::Error;
 /// Every map of the datapath.
 pub struct Maps {
     pub frontends: HashMap<MapData, FrontendKey, Frontend>,
+    pub frontend_names: HashMap<MapData, u32, ServiceName>,
     pub service_addrs: HashMap<MapData, u32, u8>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
@@ -61,6 +62,7 @@ impl Maps {
         }
         Ok(Self {
             frontends: typed(maps::FRONTENDS, open(maps::FRONTENDS)?)?,
+            frontend_names: typed(maps::FRONTEND_NAMES, open(maps::FRONTEND_NAMES)?)?,
             service_addrs: typed(maps::SERVICE_ADDRS, open(maps::SERVICE_ADDRS)?)?,
             slots: typed(maps::SLOTS, open(maps::SLOTS)?)?,
             backends: typed(maps::BACKENDS, open(maps::BACKENDS)?)?,

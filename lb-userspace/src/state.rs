@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    Backend, Frontend, FrontendKey, SlotKey, SourceRangeKey,
+    Backend, Frontend, FrontendKey, ServiceName, SlotKey, SourceRangeKey,
     addr_filter::{BACKENDS, FRONTENDS},
     addr_filter_bit, backend_flags,
 };
@@ -17,6 +17,9 @@ pub type SourceRange = (SourceRangeKey, u8);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Which Service port each frontend id belongs to (inspection only),
+    /// as the [`name_digest`] of its name.
+    pub frontend_names: BTreeMap<u32, u64>,
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, Backend>,
     pub source_ranges: BTreeSet<SourceRange>,
@@ -42,6 +45,8 @@ pub enum Op {
     PutServiceAddr(u32),
     PutFrontend(FrontendKey, Frontend),
     DeleteFrontend(FrontendKey),
+    PutFrontendName(u32, ServiceName),
+    DeleteFrontendName(u32),
     DeleteSourceRange(SourceRange),
     DeleteServiceAddr(u32),
     DeleteSlot(SlotKey),
@@ -78,6 +83,12 @@ impl State {
             Op::DeleteFrontend(key) => {
                 self.frontends.remove(&key);
             }
+            Op::PutFrontendName(id, name) => {
+                self.frontend_names.insert(id, name_digest(&name));
+            }
+            Op::DeleteFrontendName(id) => {
+                self.frontend_names.remove(&id);
+            }
             Op::DeleteSlot(key) => {
                 self.slots.remove(&key);
             }
@@ -100,6 +111,12 @@ impl State {
             })
             .collect()
     }
+}
+
+/// What the record keeps of a frontend's name: enough to tell a change,
+/// in 8 bytes rather than the name's 144.
+pub fn name_digest(name: &ServiceName) -> u64 {
+    crate::fnv1a(&name.bytes)
 }
 
 /// What identifies a backend: its value without the draining flag.

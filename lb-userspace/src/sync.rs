@@ -296,6 +296,7 @@ impl<D: Dataplane> Syncer<D> {
             let id = match op {
                 Op::DeleteSlot(key) => Some(key.frontend_id),
                 Op::DeleteSourceRange((key, _)) => Some(key.frontend_id),
+                Op::DeleteFrontendName(id) => Some(*id),
                 _ => None,
             };
             if id.is_some_and(|id| held.contains(&id)) {

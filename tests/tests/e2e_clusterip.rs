@@ -124,4 +124,31 @@ fn inspection_cli_shows_the_programmed_service() {
         .find(|f| f["frontend"] == "10.96.0.10:8080" && f["protocol"] == "TCP")
         .expect("the TCP frontend");
     assert_eq!(tcp["tiers"][0].as_array().unwrap().len(), 3);
+    let service = format!("default/{}", scenario::SERVICE);
+    assert_eq!(tcp["service"], service.as_str());
+    let udp = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == "10.96.0.10:8080" && f["protocol"] == "UDP")
+        .expect("the UDP frontend");
+    assert_eq!(udp["service"], format!("{service}:udp").as_str());
+    // --service picks one Service port; an unknown name, nothing.
+    let table = |filter: &str| {
+        let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
+            .args(["services", "--service", filter, "--bpffs"])
+            .arg(cluster.bpffs(0))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let udp_only = table(&format!("{service}:udp"));
+    assert_eq!(
+        udp_only.lines().count(),
+        2,
+        "header and one row: {udp_only}"
+    );
+    assert!(udp_only.lines().nth(1).unwrap().contains("UDP"));
+    assert_eq!(table("no-such-service").lines().count(), 1);
 }

@@ -346,18 +346,10 @@ fn first_free(range: &RangeInclusive<u64>, key: &str, taken: &mut HashSet<u64>) 
     // kube-apiserver's lower band for explicit values: 1/16 of the range,
     // 16 to 256 values (and never all of a small range).
     let lower = (size / 16).clamp(16, 256).min(size / 2);
-    let slot = lower + fnv1a(key) % (size - lower);
+    let slot = lower + crate::fnv1a(key.as_bytes()) % (size - lower);
     (0..size)
         .map(|step| start + (slot + step) % size)
         .find(|offset| taken.insert(*offset))
-}
-
-/// FNV-1a: a hash that every build and machine computes alike (the
-/// standard library's may change between releases).
-fn fnv1a(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]
