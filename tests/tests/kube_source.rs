@@ -33,6 +33,7 @@ fn hold(held: &mut Held, changes: Vec<Change>) {
         let (key, present) = match &change {
             Change::Service(name, object) => (format!("Service {name}"), object.is_some()),
             Change::Slice(name, object) => (format!("EndpointSlice {name}"), object.is_some()),
+            Change::Endpoints(name, object) => (format!("Endpoints {name}"), object.is_some()),
             Change::Node(name, node) => (format!("Node {name}"), node.is_some()),
             Change::Problems(..) => continue,
         };
