@@ -84,6 +84,12 @@ impl Pod {
         self.ns.enter(f).expect("enter the pod's namespace")
     }
 
+    /// Adds TCP and UDP echo servers on `port` that answer as `name`.
+    pub fn serve_as(&mut self, port: u16, name: &str) -> Result<()> {
+        self.servers.push(EchoServer::start(&self.ns, name, port)?);
+        Ok(())
+    }
+
     /// Stops the pod's servers (a pod that stopped answering).
     pub fn stop_serving(&mut self) {
         self.servers.clear();
@@ -309,6 +315,30 @@ impl Cluster {
             servers,
         });
         Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// What a kind node's CNI (kindnetd's masquerade rules) does for pods
+    /// reaching addresses outside the cluster: their connections leave
+    /// with the node's address, so that replies find their way back.
+    pub fn masquerade_pod_egress(&self) -> Result<()> {
+        for node in &self.nodes {
+            run(node.ns.command("iptables").args([
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "10.244.0.0/16",
+                "!",
+                "-d",
+                "10.244.0.0/16",
+                "-o",
+                "eth0",
+                "-j",
+                "MASQUERADE",
+            ]))?;
+        }
+        Ok(())
     }
 
     /// The pod named `name`.

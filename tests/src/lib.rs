@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod checksum;
 pub mod cluster;
 pub mod echo;
+pub mod examples;
 pub mod manifests;
 pub mod netns;
 pub mod node_ns;

@@ -94,6 +94,16 @@ fn cleanup_detaches_everything_and_removes_the_pins() {
         "the flow is listed"
     );
     let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
+        .args(["services", "--service", scenario::SERVICE, "--bpffs"])
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    let services = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        services.contains(&format!("default/{}", scenario::SERVICE)),
+        "frontends still named: {services}"
+    );
+    let out = std::process::Command::new(xlb_tests::cluster::xlb_bin())
         .arg("cleanup")
         .arg("--bpffs")
         .arg(&bpffs)

@@ -36,7 +36,11 @@ enum Task {
     /// xlb's main job on this machine: a 2-node network-namespace cluster,
     /// ClusterIP and NodePort Services over 3 echo pods, one agent per
     /// node, requests from a pod and from outside.
-    Demo,
+    Demo {
+        /// Run the demo cluster with the Services of this manifest instead
+        /// (e.g. one of examples/) and show what requests to each get.
+        file: Option<std::path::PathBuf>,
+    },
     /// Run a benchmark and write its JSON under target/bench/.
     Bench {
         #[command(subcommand)]
@@ -89,7 +93,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build::ebpf(),
         Task::Build => build::all(),
         Task::Test { args } => test::run(&args),
-        Task::Demo => test::demo(),
+        Task::Demo { file } => test::demo(file.as_deref()),
         Task::Bench { which } => match which {
             Bench::Datapath { repeat } => test::bench_datapath(repeat),
             Bench::E2e { args } => test::bench("bench-e2e", &strs(&args)),

@@ -197,8 +197,11 @@ pub fn bench_report() -> Result<()> {
     )
 }
 
-/// `cargo xtask demo`.
-pub fn demo() -> Result<()> {
+/// `cargo xtask demo [FILE]`.
+pub fn demo(file: Option<&std::path::Path>) -> Result<()> {
+    // Relative to where the user stands, not to the workspace root cargo
+    // runs in.
+    let file = file.map(std::path::absolute).transpose()?;
     setup::run()?;
     build::all()?;
     // The demo's node-side client: a process, since cgroup hooks act on
@@ -222,7 +225,9 @@ pub fn demo() -> Result<()> {
                 "xlb-tests",
                 "--bin",
                 "xlb-demo",
+                "--",
             ])
+            .args(file)
             .env("XLB_BIN", crate::cmd::root().join("target/release/xlb")),
     ))
 }

@@ -4,13 +4,19 @@
 //! `xlb agent` per node, ten requests from a client pod to the ClusterIP and
 //! ten from a client outside the cluster to node1's NodePort, what
 //! `xlb services` shows — then everything is torn down.
+//!
+//! `cargo xtask demo FILE` runs the same cluster with the Services of FILE
+//! instead (one of `examples/`, or any manifest written for the demo's
+//! pods) and shows what requests to each of its frontends get: which pod
+//! answered, and which client address the pod saw.
 
-use std::{process::Command, time::Instant};
+use std::{path::Path, process::Command, time::Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use xlb_tests::{
     cluster::{Cluster, EXTERNAL_CLIENT_IP, xlb_bin},
     echo::tcp_request,
+    examples,
     manifests::{Endpoint, Port, documents, endpoint_slice},
     privilege::has_root,
     scenario::{self, frontend},
@@ -45,8 +51,21 @@ fn main() -> Result<()> {
         bail!("the demo builds network namespaces and loads BPF: run it as root");
     }
     let started = Instant::now();
+    if let Some(file) = std::env::args_os().nth(1) {
+        example(Path::new(&file))?;
+    } else {
+        sample()?;
+    }
+    println!(
+        "\n== torn down (agents, namespaces, pins) after {:.1?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Prints the cluster's nodes and pods.
+fn describe(cluster: &Cluster) -> Result<()> {
     println!("== A cluster on this machine: 2 nodes (network namespaces) on one LAN");
-    let mut cluster = scenario::cluster()?;
     for node in &cluster.nodes {
         println!(
             "   {} {} ({}), pods in {}",
@@ -56,13 +75,19 @@ fn main() -> Result<()> {
             xlb_tests::cluster::pod_cidr(node.name[4..].parse::<usize>()? - 1)
         );
     }
-    for (name, _) in scenario::REPLICAS {
-        let pod = cluster.pod(name);
+    for pod in &cluster.pods {
         println!(
-            "   pod {name:<8} {:<12} on {}",
-            pod.ip, cluster.nodes[pod.node].name
+            "   pod {:<8} {:<12} on {}",
+            pod.name, pod.ip, cluster.nodes[pod.node].name
         );
     }
+    Ok(())
+}
+
+/// The demo without a file: `sample-clusterip` and a NodePort Service.
+fn sample() -> Result<()> {
+    let mut cluster = scenario::cluster()?;
+    describe(&cluster)?;
     println!(
         "\n== kubectl apply: Service {} {}:{} -> targetPort {}",
         scenario::SERVICE,
@@ -122,10 +147,74 @@ fn main() -> Result<()> {
             .output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
-    drop(cluster);
-    println!(
-        "\n== torn down (agents, namespaces, pins) after {:.1?}",
-        started.elapsed()
-    );
+    Ok(())
+}
+
+/// Requests per frontend and client.
+const REQUESTS: usize = 6;
+
+/// The demo with the Services of `file`.
+fn example(file: &Path) -> Result<()> {
+    let yaml =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut demo = examples::Demo::new()?;
+    describe(&demo.cluster)?;
+    println!("   outside the cluster: {EXTERNAL_CLIENT_IP} (the client; a server on :9376)");
+    println!("\n== kubectl apply -f {}", file.display());
+    for line in yaml.lines().take_while(|l| l.starts_with('#')) {
+        println!("   {line}");
+    }
+    demo.cluster.write_manifest(
+        &file.file_name().unwrap_or_default().to_string_lossy(),
+        &yaml,
+    )?;
+    println!("\n== xlb agent on each node (file source, default flags)");
+    demo.cluster.start_agents()?;
+    // What the agent decided on its own (allocations, mirroring) and
+    // what it skipped.
+    for line in demo.cluster.agent_log(0).lines() {
+        if let Some((_, said)) = line.split_once("agent: ")
+            && (said.contains("allocated") || said.contains("mirrored") || said.contains("skipped"))
+        {
+            println!("   node1: {said}");
+        }
+    }
+    let (targets, _) = examples::targets(&demo, &yaml);
+    if targets.is_empty() {
+        println!(
+            "\n== nothing to program: no frontend (a headless Service has no virtual address)"
+        );
+    }
+    let bpffs = demo.cluster.bpffs(0).to_owned();
+    println!("\n== xlb services --bpffs {}  (node1)", bpffs.display());
+    let out = Command::new(xlb_bin())
+        .arg("services")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    for target in &targets {
+        let client = match target.client {
+            examples::Client::Pod(pod) => {
+                format!("pod {pod} ({})", target.client.ip(&demo.cluster))
+            }
+            examples::Client::Outside => format!("outside ({EXTERNAL_CLIENT_IP})"),
+        };
+        println!(
+            "\n== {} {}/{} from {client}, {REQUESTS} requests",
+            target.service_port, target.addr, target.protocol
+        );
+        let outcome = examples::send(&demo.cluster, target, REQUESTS)?;
+        for (pod, (replies, seen)) in &outcome.backends {
+            let seen: Vec<String> = seen.iter().map(|ip| ip.to_string()).collect();
+            println!(
+                "   {pod:<12} answered {replies}, saw client {}",
+                seen.join(", ")
+            );
+        }
+        for (error, n) in &outcome.errors {
+            println!("   failed x{n}: {error}");
+        }
+    }
     Ok(())
 }
