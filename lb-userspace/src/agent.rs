@@ -212,11 +212,12 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     let mut maps = datapath.take_maps()?;
     attach::set_xdp_tx_interfaces(&mut maps.xdp_tx_ifaces, &xdp_tx_interfaces)?;
-    let mut syncer = Syncer::new(maps, config.node.clone())?;
-    if let SourceConfig::File { ranges, .. } = &config.source {
+    let model = match &config.source {
         // No API server fills in what manifests leave out: the model does.
-        *syncer.model() = Model::allocating(config.node.clone(), ranges.clone());
-    }
+        SourceConfig::File { ranges, .. } => Model::allocating(config.node.clone(), ranges.clone()),
+        SourceConfig::Kube { .. } => Model::new(config.node.clone()),
+    };
+    let mut syncer = Syncer::new(maps, model)?;
     let conntrack = ConntrackTable::open(&config.bpffs)?;
     let sock_rev = SockRevTable::open(&config.bpffs)?;
     if conntrack.capacity() != config.conntrack_max {

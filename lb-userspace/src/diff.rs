@@ -81,6 +81,9 @@ pub struct Plan {
     /// Addresses that become Services' (before their frontends).
     pub service_addrs: Vec<Op>,
     pub frontends: Vec<FrontendWrites>,
+    /// Frontends' names (for inspection only: written after the units, so
+    /// that a failure never holds a frontend back).
+    pub names: Vec<Op>,
     pub cleanup: Vec<Op>,
 }
 
@@ -91,6 +94,7 @@ impl Plan {
             .iter()
             .copied()
             .chain(self.frontends.iter().flat_map(|f| f.writes.iter().copied()))
+            .chain(self.names.iter().copied())
             .chain(self.cleanup.iter().copied())
             .collect()
     }
@@ -382,10 +386,9 @@ impl<'a> Planner<'a> {
             flags,
             affinity_timeout_s: frontend.affinity_timeout.unwrap_or(0),
         };
-        // Named before it is reachable, for `xlb services`.
         let name = ServiceName::new(&frontend.service_port);
         if state.frontend_names.get(&id) != Some(&name_digest(&name)) {
-            writes.push(Op::PutFrontendName(id, name));
+            self.plan.names.push(Op::PutFrontendName(id, name));
         }
         if old != Some(&value) {
             writes.push(Op::PutFrontend(key, value));
@@ -726,7 +729,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frontend_is_named_before_it_is_reachable_renamed_and_unnamed_with_it() {
+    fn a_frontend_is_named_renamed_and_unnamed_with_it() {
         let mut desired = cluster(2, 1);
         let mut state = synced(&desired);
         let id = state.frontends[&frontend_key(&frontend(1))].id;

@@ -158,8 +158,8 @@ impl Mirror {
             .keys()
             .copied()
             .fold(state.max_backend_id_in_use, u32::max);
-        // Slots and source ranges left by a unit that never wrote its
-        // frontend entry (a failed write, a crash) name ids too: a new
+        // Slots, source ranges and names left by a unit that never wrote
+        // its frontend entry (a failed write, a crash) name ids too: a new
         // frontend must not inherit them.
         state.max_frontend_id_in_use = state
             .frontends
@@ -167,6 +167,7 @@ impl Mirror {
             .map(|f| f.id)
             .chain(state.slots.keys().map(|key| key.frontend_id))
             .chain(state.source_ranges.iter().map(|(key, _)| key.frontend_id))
+            .chain(state.frontend_names.keys().copied())
             .fold(state.max_frontend_id_in_use, u32::max);
         let mut mirror = Self::default();
         for id in state.slots.values() {
@@ -398,6 +399,7 @@ impl Mirror {
                 }
             }
             Op::PutSourceRange((key, _)) => self.id_in_use(key.frontend_id),
+            Op::PutFrontendName(id, _) => self.id_in_use(id),
             _ => {}
         }
         self.state.apply(op);

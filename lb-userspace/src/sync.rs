@@ -101,8 +101,9 @@ pub enum Scope {
 
 impl<D: Dataplane> Syncer<D> {
     /// Starts from what the dataplane holds (pinned maps of an earlier run
-    /// are reconciled, not flushed), for `node`.
-    pub fn new(dataplane: D, node: Node) -> Result<Self, Error> {
+    /// are reconciled, not flushed), with `model` (empty: the source fills
+    /// it).
+    pub fn new(dataplane: D, model: Model) -> Result<Self, Error> {
         let mirror = Mirror::new(dataplane.read()?);
         let now = Instant::now();
         let draining_since = mirror
@@ -115,7 +116,7 @@ impl<D: Dataplane> Syncer<D> {
         let mut syncer = Self {
             dataplane,
             mirror,
-            model: Model::new(node),
+            model,
             unprogrammed: BTreeMap::new(),
             reported_unprogrammed: BTreeSet::new(),
             datapath_problems: BTreeSet::new(),
@@ -289,6 +290,9 @@ impl<D: Dataplane> Syncer<D> {
                 self.unprogrammed.insert(unit.addr, problem);
             }
         }
+        // Names serve inspection only: one that fails is a datapath problem
+        // the next full recompute writes again.
+        self.write_all(&plan.names, report, problems);
         // A frontend whose unit failed keeps its slots and ranges as they
         // are, and so does one whose entry could not be deleted (it still
         // points at them); the backends no slot holds any more drain.
@@ -491,7 +495,7 @@ mod tests {
 
     #[test]
     fn problems_are_reported_once_and_again_after_a_fix() {
-        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Model::new(Node::default())).unwrap();
         let node = Node::default();
         let bad = snapshot(&format!("{GOOD}{BAD}"));
         let first = syncer.sync_snapshot(&bad, &node);
@@ -510,10 +514,10 @@ mod tests {
     #[test]
     fn a_restart_reconciles_instead_of_flushing() {
         let node = Node::default();
-        let mut first = Syncer::new(State::default(), Node::default()).unwrap();
+        let mut first = Syncer::new(State::default(), Model::new(Node::default())).unwrap();
         first.sync_snapshot(&snapshot(GOOD), &node);
         let maps = first.dataplane().clone();
-        let mut second = Syncer::new(maps, Node::default()).unwrap();
+        let mut second = Syncer::new(maps, Model::new(Node::default())).unwrap();
         assert_eq!(second.sync_snapshot(&snapshot(GOOD), &node).writes, 0);
     }
 }
@@ -546,7 +550,7 @@ mod transitions {
     }
 
     fn fresh(desired_snapshot: &Snapshot, node: &Node) -> State {
-        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Model::new(Node::default())).unwrap();
         syncer.sync_snapshot(desired_snapshot, node);
         syncer.dataplane().clone()
     }
@@ -562,7 +566,7 @@ mod transitions {
         };
         let one_port = "[{name: a, port: 80, nodePort: 30080}]";
         let lb = "  type: LoadBalancer\nstatus: {loadBalancer: {ingress: [{ip: 172.18.0.1}]}}";
-        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Model::new(Node::default())).unwrap();
         let addrs = |syncer: &Syncer<State>| -> Vec<std::net::Ipv4Addr> {
             let mut addrs: Vec<std::net::Ipv4Addr> = syncer
                 .dataplane()
@@ -627,7 +631,7 @@ mod transitions {
                 1,
             ),
         ];
-        let mut syncer = Syncer::new(State::default(), Node::default()).unwrap();
+        let mut syncer = Syncer::new(State::default(), Model::new(Node::default())).unwrap();
         for (step, snapshot, frontends) in steps {
             syncer.sync_snapshot(&snapshot, &node);
             let state = syncer.dataplane();
@@ -758,7 +762,7 @@ mod failures {
                 state: State::default(),
                 fails,
             },
-            Node::default(),
+            Model::new(Node::default()),
         )
         .unwrap()
     }
@@ -964,16 +968,17 @@ mod failures {
 #[cfg(test)]
 mod incremental {
     //! Random sequences of Service, EndpointSlice and node events through
-    //! the incremental path: after every step the model equals the fold
-    //! over every object, and the maps hold exactly what a full recompute
-    //! and a fresh sync would program.
+    //! the incremental path of a model that allocates (as the file
+    //! source's does): after every step the model equals the fold over
+    //! every object, and the maps hold exactly what a full recompute and a
+    //! fresh sync would program.
 
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::{
         diff::full_plan,
-        model::{self, ObjectName},
+        model::{self, ObjectName, allocate::Ranges},
         source::file::parse_into,
     };
 
@@ -1005,11 +1010,19 @@ mod incremental {
     fn service(rng: &mut Rng, name: &str) -> String {
         let kind = ["ClusterIP", "NodePort", "LoadBalancer"][rng.below(3) as usize];
         let policy = if rng.chance(40) { "Local" } else { "Cluster" };
+        // Values left out now and then: the model allocates them, from
+        // ranges small enough to collide (`RANGES`).
+        let cluster_ip = match rng.chance(30) {
+            true => String::new(),
+            false => format!("  clusterIP: 10.96.0.{}\n", rng.below(3) + 1),
+        };
+        let node_port = match rng.chance(30) {
+            true => String::new(),
+            false => format!(", nodePort: {}", 30000 + rng.below(2)),
+        };
         let mut text = format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: {kind}\n  clusterIP: 10.96.0.{}\n  ports:\n  - {{name: http, port: {}, nodePort: {}}}\n",
-            rng.below(3) + 1,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: {kind}\n{cluster_ip}  ports:\n  - {{name: http, port: {}{node_port}}}\n",
             80 + rng.below(2),
-            30000 + rng.below(2),
         );
         if kind != "ClusterIP" {
             text.push_str(&format!("  externalTrafficPolicy: {policy}\n"));
@@ -1023,11 +1036,13 @@ mod incremental {
         if rng.chance(20) {
             text.push_str("  sessionAffinity: ClientIP\n");
         }
-        if kind == "LoadBalancer" {
+        if kind == "LoadBalancer" && rng.chance(70) {
             text.push_str(&format!(
                 "  healthCheckNodePort: {}\n",
                 32000 + rng.below(2)
             ));
+        }
+        if kind == "LoadBalancer" {
             text.push_str(&format!(
                 "status: {{loadBalancer: {{ingress: [{{ip: 172.18.0.{}}}]}}}}\n",
                 rng.below(2) + 1
@@ -1098,12 +1113,25 @@ mod incremental {
             .collect()
     }
 
+    /// Allocation ranges small enough that allocated values collide with
+    /// written ones and with each other: a /29 (10.96.0.1-6) and four node
+    /// ports.
+    fn ranges() -> Ranges {
+        Ranges {
+            cluster_ips: ("10.96.0.0".parse().unwrap(), 29),
+            node_ports: 30000..=30003,
+        }
+    }
+
     #[test]
     fn random_changes_leave_what_a_full_recompute_programs() {
+        // Steps that programmed a ClusterIP no Service writes (.4-.6).
+        let mut allocated = 0;
         for seed in 1..=40u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut node = node(&mut rng);
-            let mut syncer = Syncer::new(State::default(), node.clone()).unwrap();
+            let model = Model::allocating(node.clone(), ranges());
+            let mut syncer = Syncer::new(State::default(), model).unwrap();
             // The objects as YAML, by kind and name.
             let mut objects: BTreeMap<String, String> = BTreeMap::new();
             for step in 0..60 {
@@ -1153,7 +1181,12 @@ mod incremental {
                 let text = objects.values().cloned().collect::<Vec<_>>().join("---\n");
                 let mut snapshot = Snapshot::default();
                 parse_into("test", &text, &mut snapshot);
-                let (fold, _) = model::desired(&snapshot, &node, None);
+                let (fold, _) = model::desired(&snapshot, &node, Some(ranges()));
+                allocated += usize::from(
+                    fold.frontends
+                        .keys()
+                        .any(|a| a.ip.octets()[..3] == [10, 96, 0] && a.ip.octets()[3] > 3),
+                );
                 assert_eq!(syncer.model.desired(), fold, "{context}: model");
                 let (full, _) = full_plan(&syncer.model, &syncer.mirror);
                 assert_eq!(
@@ -1161,7 +1194,8 @@ mod incremental {
                     vec![],
                     "{context}: a full recompute finds more to do"
                 );
-                let mut fresh = Syncer::new(State::default(), node.clone()).unwrap();
+                let model = Model::allocating(node.clone(), ranges());
+                let mut fresh = Syncer::new(State::default(), model).unwrap();
                 fresh.sync_snapshot(&snapshot, &node);
                 assert_eq!(
                     served(syncer.dataplane()),
@@ -1180,6 +1214,7 @@ mod incremental {
                 );
             }
         }
+        assert!(allocated > 100, "allocation exercised: {allocated} steps");
     }
 
     /// The pre-filter words the addresses in `state` need.
@@ -1208,7 +1243,7 @@ mod incremental {
         };
         pinned.frontends.insert(key, lb_common::Frontend::default());
         pinned.addr_filter.insert(7, 1);
-        let syncer = Syncer::new(pinned, Node::default()).unwrap();
+        let syncer = Syncer::new(pinned, Model::new(Node::default())).unwrap();
         assert_eq!(
             syncer.dataplane().addr_filter,
             filter_of(syncer.dataplane())

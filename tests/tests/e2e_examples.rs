@@ -78,6 +78,17 @@ fn run(stem: &str, check: impl Fn(&Demo, &Target, &Outcome)) -> Vec<Target> {
             );
         }
     }
+    // Every value both agents allocated (node ports, healthCheckNodePorts
+    // included), as they logged them: the same.
+    let allocated = |node| -> Vec<String> {
+        demo.cluster
+            .agent_log(node)
+            .lines()
+            .filter_map(|line| line.split_once("agent: ").map(|(_, said)| said.to_owned()))
+            .filter(|said| said.contains(": allocated "))
+            .collect()
+    };
+    assert_eq!(allocated(0), allocated(1), "{stem}");
     for target in &targets {
         let outcome = examples::send(&demo.cluster, target, REQUESTS).unwrap();
         assert!(outcome.errors.is_empty(), "{target:?}: {outcome:?}");

@@ -23,7 +23,7 @@ use std::{
     ops::RangeInclusive,
 };
 
-use super::{ObjectName, ParsedService};
+use super::{ObjectName, ParsedService, ServiceObject, service::Explicit};
 
 /// The ranges values are allocated from (kube-apiserver's
 /// `--service-cluster-ip-range` and `--service-node-port-range`).
@@ -91,7 +91,7 @@ impl Ranges {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     pub cluster_ip: bool,
-    /// The key (`port/protocol`) of each port without a node port.
+    /// The key (the port number) of each port without a node port.
     pub node_ports: Vec<String>,
     pub health_check_node_port: bool,
 }
@@ -161,26 +161,30 @@ impl Allocator {
     pub fn service_changed(
         &mut self,
         name: &ObjectName,
-        old: Option<&ParsedService>,
-        new: Option<&ParsedService>,
+        old: Option<&ServiceObject>,
+        new: Option<&ServiceObject>,
     ) {
-        let (old_ips, old_ports, old_request) = wants(old);
-        let (new_ips, new_ports, new_request) = wants(new);
-        if (&old_ips, &old_ports, &old_request) == (&new_ips, &new_ports, &new_request) {
+        let (old_explicit, old_request) = explicit_and_request(old);
+        let (new_explicit, new_request) = explicit_and_request(new);
+        if (old_explicit, &old_request) == (new_explicit, &new_request) {
             return;
         }
         self.stale = true;
-        for ip in old_ips {
-            uncount(&mut self.explicit_ips, ip);
+        if let Some(old) = old_explicit {
+            old.cluster_ips
+                .iter()
+                .for_each(|ip| uncount(&mut self.explicit_ips, *ip));
+            old.node_ports
+                .iter()
+                .for_each(|port| uncount(&mut self.explicit_ports, *port));
         }
-        for port in old_ports {
-            uncount(&mut self.explicit_ports, port);
-        }
-        for ip in new_ips {
-            *self.explicit_ips.entry(ip).or_default() += 1;
-        }
-        for port in new_ports {
-            *self.explicit_ports.entry(port).or_default() += 1;
+        if let Some(new) = new_explicit {
+            for ip in &new.cluster_ips {
+                *self.explicit_ips.entry(*ip).or_default() += 1;
+            }
+            for port in &new.node_ports {
+                *self.explicit_ports.entry(*port).or_default() += 1;
+            }
         }
         match new_request.filter(|r| !r.is_empty()) {
             Some(request) => self.requests.insert(name.clone(), request),
@@ -223,12 +227,16 @@ impl Allocator {
         if service.wants_cluster_ip {
             filled.cluster_ips.extend(allocation.cluster_ip);
         }
-        for port in filled.ports.iter_mut().filter(|p| p.wants_node_port) {
-            port.node_port = allocation
-                .node_ports
-                .get(&port.allocation_key())
-                .copied()
-                .flatten();
+        for (i, port) in service.ports.iter().enumerate() {
+            if port.wants_node_port {
+                filled.ports[i].node_port = sibling_node_port(service, port.port).or_else(|| {
+                    allocation
+                        .node_ports
+                        .get(&port.allocation_key())
+                        .copied()
+                        .flatten()
+                });
+            }
         }
         if service.wants_health_check_node_port {
             filled.health_check_node_port = allocation.health_check_node_port;
@@ -237,28 +245,38 @@ impl Allocator {
     }
 }
 
-/// A Service's explicit ClusterIPs and node ports, and what it asks for.
-fn wants(service: Option<&ParsedService>) -> (Vec<Ipv4Addr>, Vec<u16>, Option<Request>) {
-    let Some(service) = service else {
-        return (Vec::new(), Vec::new(), None);
-    };
-    let ports = service
+/// The node port a Service writes for another port of number `port` (its
+/// TCP and UDP sides share one, as kube-apiserver gives them).
+fn sibling_node_port(service: &ParsedService, port: u16) -> Option<u16> {
+    service
         .ports
         .iter()
-        .filter_map(|p| p.node_port)
-        .chain(service.health_check_node_port)
-        .collect();
-    let request = Request {
-        cluster_ip: service.wants_cluster_ip,
-        node_ports: service
+        .find(|p| p.port == port && !p.wants_node_port)
+        .and_then(|p| p.node_port)
+}
+
+/// A Service's explicit values, and what it asks to be given (only a
+/// Service that is programmed asks).
+fn explicit_and_request(object: Option<&ServiceObject>) -> (Option<&Explicit>, Option<Request>) {
+    let Some(object) = object else {
+        return (None, None);
+    };
+    let request = object.service.as_ref().map(|service| {
+        let mut node_ports: Vec<String> = service
             .ports
             .iter()
-            .filter(|p| p.wants_node_port)
+            .filter(|p| p.wants_node_port && sibling_node_port(service, p.port).is_none())
             .map(|p| p.allocation_key())
-            .collect(),
-        health_check_node_port: service.wants_health_check_node_port,
-    };
-    (service.cluster_ips.clone(), ports, Some(request))
+            .collect();
+        node_ports.sort();
+        node_ports.dedup();
+        Request {
+            cluster_ip: service.wants_cluster_ip,
+            node_ports,
+            health_check_node_port: service.wants_health_check_node_port,
+        }
+    });
+    (Some(&object.explicit), request)
 }
 
 fn uncount<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
@@ -293,6 +311,15 @@ pub fn allocate<'a>(
         .map(|port| u64::from(port - ranges.node_ports.start()))
         .collect();
     let node_port = |offset: u64| ranges.node_ports.start() + offset as u16;
+    // kube-apiserver's lower bands, left to explicit values: 1/16 of the
+    // ClusterIPs (16 to 256), 1/32 of the node ports (16 to 128); none in
+    // a range of 16 values or fewer.
+    let band = |size: u64, fraction: u64, max: u64| match size {
+        0..=16 => 0,
+        _ => (size / fraction).clamp(16, max),
+    };
+    let ip_band = band(ip_offsets.end() - ip_offsets.start() + 1, 16, 256);
+    let port_band = band(port_offsets.end() + 1, 32, 128);
     let mut out = HashMap::new();
     for (name, request) in requests {
         let mut allocation = Allocation::default();
@@ -302,7 +329,7 @@ pub fn allocate<'a>(
         );
         if request.cluster_ip {
             let key = format!("{}/{}", name.namespace, name.name);
-            allocation.cluster_ip = first_free(&ip_offsets, &key, &mut taken_ips)
+            allocation.cluster_ip = first_free(&ip_offsets, ip_band, &key, &mut taken_ips)
                 .map(|offset| ranges.cluster_ip(offset));
             if allocation.cluster_ip.is_none() {
                 allocation
@@ -312,7 +339,8 @@ pub fn allocate<'a>(
         }
         for port in &request.node_ports {
             let key = format!("{}/{}/{port}", name.namespace, name.name);
-            let allocated = first_free(&port_offsets, &key, &mut taken_ports).map(node_port);
+            let allocated =
+                first_free(&port_offsets, port_band, &key, &mut taken_ports).map(node_port);
             if allocated.is_none() {
                 allocation
                     .not_given
@@ -323,7 +351,7 @@ pub fn allocate<'a>(
         if request.health_check_node_port {
             let key = format!("{}/{}/healthCheckNodePort", name.namespace, name.name);
             allocation.health_check_node_port =
-                first_free(&port_offsets, &key, &mut taken_ports).map(node_port);
+                first_free(&port_offsets, port_band, &key, &mut taken_ports).map(node_port);
             if allocation.health_check_node_port.is_none() {
                 allocation
                     .not_given
@@ -335,17 +363,19 @@ pub fn allocate<'a>(
     out
 }
 
-/// The first offset of `range` not in `taken`, from `key`'s slot in the
-/// upper part of the range on, wrapping around; taken.
-fn first_free(range: &RangeInclusive<u64>, key: &str, taken: &mut HashSet<u64>) -> Option<u64> {
+/// The first offset of `range` not in `taken`, from `key`'s slot above the
+/// `lower` band on, wrapping around; taken.
+fn first_free(
+    range: &RangeInclusive<u64>,
+    lower: u64,
+    key: &str,
+    taken: &mut HashSet<u64>,
+) -> Option<u64> {
     let (start, end) = (*range.start(), *range.end());
     let size = end - start + 1;
     if taken.len() as u64 >= size {
         return None;
     }
-    // kube-apiserver's lower band for explicit values: 1/16 of the range,
-    // 16 to 256 values (and never all of a small range).
-    let lower = (size / 16).clamp(16, 256).min(size / 2);
     let slot = lower + crate::fnv1a(key.as_bytes()) % (size - lower);
     (0..size)
         .map(|step| start + (slot + step) % size)

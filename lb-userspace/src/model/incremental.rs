@@ -150,6 +150,17 @@ pub struct Model {
     pending: Changes,
 }
 
+/// What became of the Endpoints of a Service's name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Mirroring {
+    /// None, not mirrored (the Service selects pods), or no Service.
+    #[default]
+    None,
+    Mirrored,
+    /// Not mirrored: the Service has EndpointSlices of its own.
+    Ignored,
+}
+
 #[derive(Debug, Default)]
 struct Output {
     frontends: Vec<FrontendAddr>,
@@ -212,8 +223,7 @@ impl Model {
         };
         if old != object {
             if let Some(allocator) = &mut self.allocator {
-                let parsed = |o: &Option<ServiceObject>| o.as_ref().and_then(|o| o.service.clone());
-                allocator.service_changed(&name, parsed(&old).as_ref(), parsed(&object).as_ref());
+                allocator.service_changed(&name, old.as_ref(), object.as_ref());
             }
             self.set_problems(Origin::Service(name.clone()), problems);
             self.dirty.insert(name);
@@ -260,17 +270,13 @@ impl Model {
     }
 
     /// An Endpoints object was added or changed (`Some`), or deleted.
+    /// (Its problems count only while it is mirrored: see `update`.)
     pub fn put_endpoints(&mut self, name: ObjectName, object: Option<EndpointsObject>) {
-        let problems = object
-            .as_ref()
-            .map(|o| o.problems.clone())
-            .unwrap_or_default();
         let old = match &object {
             Some(object) => self.endpoints.insert(name.clone(), object.clone()),
             None => self.endpoints.remove(&name),
         };
         if old != object {
-            self.set_problems(Origin::Endpoints(name.clone()), problems);
             self.dirty.insert(name);
         }
     }
@@ -365,8 +371,8 @@ impl Model {
         }
         for name in std::mem::take(&mut self.dirty) {
             let old = self.outputs.remove(&name).unwrap_or_default();
-            let (new, endpoints_ignored) = self.compute(&name);
-            if endpoints_ignored {
+            let (new, mirroring) = self.compute(&name);
+            if mirroring == Mirroring::Ignored {
                 if self.endpoints_ignored.insert(name.clone()) {
                     self.notices.push(format!(
                         "Endpoints {name} not mirrored: Service {name} has EndpointSlices, which win"
@@ -375,6 +381,11 @@ impl Model {
             } else {
                 self.endpoints_ignored.remove(&name);
             }
+            let problems = match mirroring {
+                Mirroring::Mirrored => self.endpoints[&name].problems.clone(),
+                _ => Vec::new(),
+            };
+            self.set_problems(Origin::Endpoints(name.clone()), problems);
             for addr in old
                 .frontends
                 .iter()
@@ -444,9 +455,9 @@ impl Model {
         changes
     }
 
-    /// One Service's frontends, as the rules give them now; whether its
-    /// Endpoints went unmirrored because it has slices of its own.
-    fn compute(&self, name: &ObjectName) -> (super::ServiceFrontends, bool) {
+    /// One Service's frontends, as the rules give them now, and what
+    /// became of the Endpoints of its name.
+    fn compute(&self, name: &ObjectName) -> (super::ServiceFrontends, Mirroring) {
         let Some(written) = self.services.get(name).and_then(|s| s.service.as_ref()) else {
             return Default::default();
         };
@@ -463,21 +474,23 @@ impl Model {
             })
             .collect();
         // The mirroring controller's rules: Endpoints of a Service that
-        // selects no pods; slices of the Service's own win.
+        // selects no pods; slices of the Service's own (valid or not) win.
         let mirrored = self
             .endpoints
             .get(name)
             .and_then(|e| e.slices.as_ref())
             .filter(|_| !service.has_selector);
-        let mut endpoints_ignored = false;
+        let mut mirroring = Mirroring::None;
         if let Some(mirrored) = mirrored {
-            match slices.is_empty() {
-                true => slices.extend(mirrored),
-                false => endpoints_ignored = true,
+            if self.slices_of.contains_key(name) {
+                mirroring = Mirroring::Ignored;
+            } else {
+                slices.extend(mirrored);
+                mirroring = Mirroring::Mirrored;
             }
         }
         let frontends = service_frontends(name, service, &slices, &self.node);
-        (frontends, endpoints_ignored)
+        (frontends, mirroring)
     }
 
     fn claim(&mut self, addr: FrontendAddr, name: &ObjectName, frontend: Arc<DesiredFrontend>) {
@@ -852,6 +865,89 @@ mod tests {
         );
         plain.update();
         assert_eq!(plain.frontends().count(), 0);
+    }
+
+    #[test]
+    fn a_selector_turns_mirroring_off_and_its_problems_with_it() {
+        let mut model = Model::new(node());
+        let service = |selector: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec: {{clusterIP: 10.96.0.1, externalIPs: [172.16.0.1], ports: [{{port: 80}}]{selector}}}\n"
+            )
+        };
+        put(&mut model, &service(""));
+        put_endpoints(
+            &mut model,
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: a}\nsubsets: [{addresses: [{ip: 192.0.2.1}, {ip: bad}], ports: [{port: 8080}]}]\n",
+        );
+        model.update();
+        let addr = external("172.16.0.1");
+        assert_eq!(backends(&model, &addr), ["192.0.2.1:8080"]);
+        assert_eq!(model.problems().len(), 1, "the bad address");
+        put(&mut model, &service(", selector: {app: a}"));
+        model.update();
+        assert!(backends(&model, &addr).is_empty(), "not mirrored");
+        assert!(model.problems().is_empty(), "{:?}", model.problems());
+        put(&mut model, &service(""));
+        model.update();
+        assert_eq!(backends(&model, &addr), ["192.0.2.1:8080"]);
+    }
+
+    /// The ClusterIP `name` is given by a model allocating from the
+    /// default ranges over `yaml`.
+    fn allocated_ip(yaml: &str, name: &str) -> Option<std::net::Ipv4Addr> {
+        let mut model = Model::allocating(node(), Ranges::default());
+        put(&mut model, yaml);
+        model.update();
+        model
+            .frontends()
+            .find(|(_, f)| f.service_port == format!("default/{name}"))
+            .map(|(addr, _)| addr.ip)
+    }
+
+    #[test]
+    fn values_of_services_not_programmed_are_never_handed_out() {
+        let web =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+        let alone = allocated_ip(web, "web").unwrap();
+        // Another proxy's Service, and an invalid one, write web's address.
+        for other in [
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: other, labels: {{service.kubernetes.io/service-proxy-name: x}}}}\nspec: {{clusterIP: {alone}, ports: [{{port: 80}}]}}\n"
+            ),
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: other}}\nspec: {{clusterIP: {alone}, ports: [{{port: 80, protocol: QUIC}}]}}\n"
+            ),
+        ] {
+            let moved = allocated_ip(&format!("{web}---\n{other}"), "web").unwrap();
+            assert_ne!(moved, alone, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_value_moved_by_a_collision_moves_back_when_the_collision_goes() {
+        let mut model = Model::allocating(node(), Ranges::default());
+        let web =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+        put(&mut model, web);
+        model.update();
+        let at = |model: &Model| model.frontends().next().map(|(a, _)| a.ip).unwrap();
+        let alone = at(&model);
+        let taker = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: taker}}\nspec: {{clusterIP: {alone}, ports: [{{port: 443}}]}}\n"
+        );
+        put(&mut model, &taker);
+        model.update();
+        let moved = model
+            .frontends()
+            .find(|(_, f)| f.service_port == "default/web")
+            .map(|(a, _)| a.ip)
+            .unwrap();
+        assert_ne!(moved, alone);
+        model.put_service(ObjectName::new("default", "taker"), None);
+        let changes = model.update();
+        assert_eq!(at(&model), alone, "back where it was");
+        assert!(changes.frontends.iter().any(|a| a.ip == alone));
     }
 
     #[test]

@@ -34,10 +34,11 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// What names the port among its Service's for allocation:
-    /// `port/protocol`, unique within a Service.
+    /// What its node port is allocated for: the port number (a TCP and a
+    /// UDP port of one number share a node port, as kube-apiserver gives
+    /// them).
     pub fn allocation_key(&self) -> String {
-        format!("{}/{}", self.port, self.protocol)
+        self.port.to_string()
     }
 }
 
@@ -87,6 +88,17 @@ pub struct ServiceObject {
     /// invalid: then `problems` says why).
     pub service: Option<ParsedService>,
     pub problems: Vec<Problem>,
+    /// The ClusterIPs and node ports (healthCheckNodePort included) it
+    /// writes, programmed or not: no allocation hands them out, as
+    /// kube-apiserver reserves every Service's.
+    pub explicit: Explicit,
+}
+
+/// Values a Service's spec writes itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Explicit {
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub node_ports: Vec<u16>,
 }
 
 /// Parses one Service object.
@@ -94,7 +106,45 @@ pub fn parse_object(svc: &Service) -> (ObjectName, ServiceObject) {
     let name = ObjectName::of(&svc.metadata);
     let mut problems = Vec::new();
     let service = parse(svc, &name, &mut problems);
-    (name, ServiceObject { service, problems })
+    let explicit = explicit(svc);
+    (
+        name,
+        ServiceObject {
+            service,
+            problems,
+            explicit,
+        },
+    )
+}
+
+/// The valid ClusterIPs and node ports `svc`'s spec writes.
+fn explicit(svc: &Service) -> Explicit {
+    let Some(spec) = &svc.spec else {
+        return Explicit::default();
+    };
+    let cluster_ips = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(&spec.cluster_ip)
+        .filter_map(|ip| ip.parse().ok())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let node_ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.node_port)
+        .chain(spec.health_check_node_port)
+        .filter_map(valid_port)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    Explicit {
+        cluster_ips,
+        node_ports,
+    }
 }
 
 /// Validates `svc`. `None` when it is not programmed: another proxy's, not
@@ -173,10 +223,7 @@ fn parse(
                     &object,
                     Invalid::Unsupported(format!("IPv6 load balancer IP {raw}")),
                 )),
-                Err(_) => problems.push(Problem::new(
-                    format!("{object} status.loadBalancer.ingress"),
-                    Invalid::Ip(raw.to_owned()),
-                )),
+                Err(_) => problems.push(Problem::new(&object, Invalid::Ip(raw.to_owned()))),
             }
         }
     }
@@ -244,10 +291,11 @@ fn parse(
     let external_local = matches!(type_, "NodePort" | "LoadBalancer")
         && spec.external_traffic_policy.as_deref() == Some("Local");
     let has_health_check = type_ == "LoadBalancer" && external_local;
-    let health_check_node_port = spec
-        .health_check_node_port
-        .filter(|_| has_health_check)
-        .and_then(valid_port);
+    let written_health_check = spec.health_check_node_port.filter(|_| has_health_check);
+    let health_check_node_port = written_health_check.and_then(valid_port);
+    if let Some(raw) = written_health_check.filter(|_| health_check_node_port.is_none()) {
+        problems.push(Problem::new(&object, Invalid::Port(raw)));
+    }
     Some(ParsedService {
         wants_cluster_ip,
         cluster_ips,
@@ -259,7 +307,7 @@ fn parse(
         external_local,
         affinity_timeout,
         health_check_node_port,
-        wants_health_check_node_port: has_health_check && health_check_node_port.is_none(),
+        wants_health_check_node_port: has_health_check && written_health_check.is_none(),
         has_selector: spec.selector.as_ref().is_some_and(|s| !s.is_empty()),
         topology: topology(
             svc.metadata.annotations.as_ref(),
