@@ -208,6 +208,7 @@ pub fn services(cluster: &Cluster, count: u32) -> Vec<BenchService> {
                     (ip.into(), 8080)
                 })
                 .collect(),
+            external: None,
         })
         .collect();
     for protocol in ["tcp", "udp"] {
@@ -221,6 +222,7 @@ pub fn services(cluster: &Cluster, count: u32) -> Vec<BenchService> {
                 .iter()
                 .map(|(name, _)| (cluster.pod(name).ip, PORT))
                 .collect(),
+            external: None,
         });
     }
     services

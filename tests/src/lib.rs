@@ -5,6 +5,7 @@
 pub mod api_double;
 pub mod baseline;
 pub mod bench_e2e;
+pub mod bench_ns;
 pub mod cgroup;
 pub mod checksum;
 pub mod cluster;

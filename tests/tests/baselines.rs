@@ -29,6 +29,7 @@ fn services(cluster: &Cluster, replicas: &[&str]) -> Vec<BenchService> {
                     (ip.into(), 8080)
                 })
                 .collect(),
+            external: None,
         })
         .collect();
     services.push(BenchService {
@@ -42,6 +43,7 @@ fn services(cluster: &Cluster, replicas: &[&str]) -> Vec<BenchService> {
             .filter(|(name, _)| replicas.contains(name))
             .map(|(name, _)| (cluster.pod(name).ip, TARGET_PORT))
             .collect(),
+        external: None,
     });
     services
 }
@@ -98,4 +100,33 @@ fn nftables_baseline_balances_and_updates_one_service() {
     )
     .unwrap();
     assert_eq!(answering(&cluster), BTreeSet::from(["web-2".to_owned()]));
+}
+
+/// The north-south benchmark's set-up works in every mode: kube-proxy's
+/// node-port and load-balancer rules as the benchmark loads them, and xlb
+/// with TC only and with XDP; the Cluster path is SNATed to node1, the
+/// Local one keeps the client's address.
+#[test]
+fn north_south_paths_answer_in_every_mode() {
+    use xlb_tests::{
+        bench_ns::{self, Mode, Path},
+        cluster::EXTERNAL_CLIENT_IP,
+    };
+    require_root!();
+    for mode in [Mode::Iptables, Mode::Nftables, Mode::XlbTc, Mode::XlbXdp] {
+        let (mut cluster, _servers) = bench_ns::cluster().unwrap();
+        let list = bench_ns::services(&cluster, 10);
+        bench_ns::program(&mut cluster, mode, &list).unwrap();
+        for path in Path::ALL {
+            for target in bench_ns::targets(&cluster, mode, path) {
+                let reply = cluster.from_outside(|| tcp_request(target)).unwrap();
+                let kept = reply.client_ip == EXTERNAL_CLIENT_IP;
+                match path {
+                    Path::NodePortCluster => assert!(!kept, "{mode:?} {path:?}: SNAT"),
+                    Path::NodePortLocal => assert!(kept, "{mode:?} {path:?}: {reply:?}"),
+                    Path::LoadBalancer => {}
+                }
+            }
+        }
+    }
 }

@@ -65,6 +65,16 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// External clients through node1: a NodePort (Cluster policy, SNAT
+    /// and forwarding), a NodePort (Local policy) and a LoadBalancer IP,
+    /// for no load balancer, kube-proxy's iptables and nftables rules, and
+    /// xlb with TC only and with XDP, at 100 and 10,000 Services
+    /// (target/bench/north-south.json). Arguments go to the benchmark
+    /// (--modes, --scales, --duration-ms, --repeats, --workers).
+    NorthSouth {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Control-plane cost: cold sync and one endpoint change for xlb,
     /// iptables-restore and nft, at the same scales (target/bench/sync.json).
     Sync {
@@ -98,6 +108,7 @@ fn main() -> Result<()> {
             Bench::Datapath { repeat } => test::bench_datapath(repeat),
             Bench::E2e { args } => test::bench("bench-e2e", &strs(&args)),
             Bench::Sync { args } => test::bench("bench-sync", &strs(&args)),
+            Bench::NorthSouth { args } => test::bench("bench-north-south", &strs(&args)),
             Bench::Churn { args } => test::bench("bench-churn", &strs(&args)),
             Bench::Report => test::bench_report(),
         },
