@@ -190,9 +190,13 @@ impl Row {
 
 /// The benchmark's cluster (the end-to-end benchmark's: two nodes, the
 /// backends and their servers), with the client outside routing the pod
-/// networks to their nodes, for the direct mode.
+/// networks to their nodes (for the direct mode), its ephemeral ports
+/// widened and TIME_WAIT reuse on, as the client pod's.
 pub fn cluster() -> Result<(Cluster, Vec<BenchServer>)> {
     let (cluster, servers) = bench_e2e::cluster()?;
+    let client = &cluster.external;
+    client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     for (i, node) in cluster.nodes.iter().enumerate() {
         cluster.external.ip(&format!(
             "route add {} via {}",
