@@ -312,6 +312,46 @@ fn a_reopened_client_tuple_takes_back_its_snat_port() {
     }
 }
 
+/// A closed flow's SNAT tuple goes to the next new connection that needs
+/// it, another client's (as netfilter lets a SYN reuse a closing
+/// connection's tuple): closed flows do not hold the SNAT range's ports for
+/// their closing time.
+#[test]
+fn a_new_connection_takes_over_a_closed_flows_snat_tuple() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    for hook in HOOKS {
+        let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
+        let (first, second) = ("192.168.77.200:62000", "192.168.77.201:62000");
+        let mut ports = Vec::new();
+        for (client, tcp_flags) in [
+            (first, flags::SYN),
+            (first, flags::RST),
+            (second, flags::SYN),
+        ] {
+            let frame = Packet::tcp(client, NODE_PORT, tcp_flags).bytes();
+            let (_, out) = run(&mut lb, &node, hook, &frame, node.ext);
+            ports.push(seen(&out.frame).src.port());
+        }
+        assert_eq!(ports, [62000; 3], "{hook:?}: the closed flow's port, again");
+        let reply = entry(
+            &lb,
+            &key(
+                REMOTE,
+                &format!("{NODE_IP}:62000"),
+                PROTO_TCP,
+                direction::REPLY,
+            ),
+        );
+        assert_eq!(
+            (reply.peer_addr, reply.peer_port),
+            (ipv4_raw([192, 168, 77, 201]), port_raw(62000)),
+            "{hook:?}: replies go to the new client"
+        );
+        assert_eq!(reply.state, lb_common::ct_state::NEW, "{hook:?}");
+    }
+}
+
 /// The CPU that loses a SNATed flow's creation race had already taken a
 /// SNAT port: it gives it back and adopts the winner's translation.
 #[test]
