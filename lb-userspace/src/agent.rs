@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
 use tracing::{error, info, warn};
 
 use lb_common::ct_event;
@@ -143,8 +142,8 @@ pub struct Config {
     /// directory) whose processes that covers.
     pub socket_lb: SocketLbMode,
     pub cgroup: PathBuf,
-    /// XDP mode on the external interfaces; `None`: TC only.
-    pub xdp: Option<XdpMode>,
+    /// XDP on the external interfaces.
+    pub xdp: attach::XdpSetting,
     /// Where XDP may answer with `XDP_TX`.
     pub xdp_tx: attach::XdpTx,
     /// Capacity of the conntrack table, in entries (two per flow).
@@ -187,12 +186,22 @@ pub fn run(config: Config) -> Result<(), Error> {
     let mut datapath = Datapath::load(&config.bpffs, &settings)?;
     let mut xdp_tx_interfaces = Vec::new();
     for interface in &config.external_ifaces {
-        attach::attach_external(&mut datapath, interface, config.xdp)?;
-        let Some(mode) = config.xdp else {
-            info!(%interface, "attached north-south programs: TC only");
+        let driver = netif::driver(interface).unwrap_or_default();
+        let mut xdp = attach::xdp_mode(config.xdp, &driver);
+        match attach::attach_external(&mut datapath, interface, xdp) {
+            Ok(()) => {}
+            // Auto takes native XDP where the driver has it.
+            Err(err) if config.xdp == attach::XdpSetting::Auto && xdp.is_some() => {
+                warn!(%interface, %driver, "no native XDP here, TC only: {err}");
+                xdp = None;
+                attach::attach_external(&mut datapath, interface, None)?;
+            }
+            Err(err) => return Err(err),
+        }
+        let Some(mode) = xdp else {
+            info!(%interface, %driver, setting = ?config.xdp, "attached north-south programs: TC only");
             continue;
         };
-        let driver = netif::driver(interface).unwrap_or_default();
         let tx = attach::uses_xdp_tx(config.xdp_tx, mode, &driver);
         if tx {
             xdp_tx_interfaces.push(interface.clone());

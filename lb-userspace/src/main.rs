@@ -68,8 +68,13 @@ enum SourceKind {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum XdpMode {
+    /// Native where the driver has it, but not on a veth.
+    Auto,
+    /// In the driver (the agent fails to start where it has none).
     Native,
+    /// In the stack, after the skb is built.
     Generic,
+    /// TC alone.
     Off,
 }
 
@@ -149,8 +154,10 @@ struct AgentArgs {
     /// [default: the root of the cgroup v2 mount, from /proc/mounts].
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// XDP mode on the external interfaces.
-    #[arg(long, value_enum, default_value = "native")]
+    /// XDP on the external interfaces: `auto` is native XDP except on a
+    /// veth (a kind node's eth0), where it costs more than it saves and
+    /// TC alone serves, and where the driver refuses it.
+    #[arg(long, value_enum, default_value = "auto")]
     xdp: XdpMode,
     /// Whether XDP sends translated frames back out itself (XDP_TX) or
     /// leaves them to TC.
@@ -312,9 +319,10 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     let pod_ifaces = glob::Pattern::new(&args.pod_ifaces)
         .with_context(|| format!("--pod-ifaces {:?}", args.pod_ifaces))?;
     let xdp = match args.xdp {
-        XdpMode::Native => Some(aya::programs::XdpMode::Driver),
-        XdpMode::Generic => Some(aya::programs::XdpMode::Skb),
-        XdpMode::Off => None,
+        XdpMode::Auto => attach::XdpSetting::Auto,
+        XdpMode::Native => attach::XdpSetting::Mode(aya::programs::XdpMode::Driver),
+        XdpMode::Generic => attach::XdpSetting::Mode(aya::programs::XdpMode::Skb),
+        XdpMode::Off => attach::XdpSetting::Off,
     };
     let socket_lb = match args.socket_lb {
         SocketLbSetting::All => agent::SocketLbMode::All,

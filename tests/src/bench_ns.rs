@@ -40,12 +40,13 @@ pub enum Mode {
     Iptables,
     /// kube-proxy's nftables rules on node1.
     Nftables,
-    /// xlb's agent on node1, `--xdp off`: TC only.
+    /// xlb's agent on node1, `--xdp off`: TC only (what the default,
+    /// `--xdp auto`, gives a veth).
     XlbTc,
-    /// xlb's agent on node1 with its default flags: native XDP in front
-    /// of TC. On a veth (a kind node's eth0) XDP cannot send frames back
-    /// out (`XDP_TX` needs XDP on the peer), so `--xdp-tx auto` leaves
-    /// those to TC; XDP drops and passes.
+    /// xlb's agent on node1 with `--xdp native`: XDP in front of TC. On a
+    /// veth (a kind node's eth0) XDP cannot send frames back out
+    /// (`XDP_TX` needs XDP on the peer), so `--xdp-tx auto` leaves those
+    /// to TC; XDP drops, translates to local pods, and passes.
     XlbXdp,
 }
 

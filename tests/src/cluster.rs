@@ -141,8 +141,9 @@ pub struct Cluster {
     /// checksum offload off (its packets carry full checksums, as a NIC's
     /// do when they arrive).
     pub external: Netns,
-    /// The agents' `--xdp` mode.
-    xdp: &'static str,
+    /// The agents' `--xdp` mode; `None`: the default (auto: on these
+    /// veths, TC alone).
+    xdp: Option<&'static str>,
     /// The agents run with `--xdp-tx on`.
     xdp_tx: bool,
     lan: Netns,
@@ -231,7 +232,7 @@ impl Cluster {
             pods: Vec::new(),
             nodes,
             external,
-            xdp: "off",
+            xdp: None,
             xdp_tx: false,
             lan,
             _bpffs: bpffs,
@@ -241,10 +242,10 @@ impl Cluster {
     }
 
     /// Agents started from now on run with `--xdp mode` (and otherwise
-    /// default flags: on these veths, XDP leaves frames it would send back
-    /// out to TC, as on a kind node).
+    /// default flags: on these veths, native XDP leaves frames it would
+    /// send back out to TC, as on a kind node).
     pub fn set_xdp(&mut self, mode: &'static str) {
-        self.xdp = mode;
+        self.xdp = Some(mode);
     }
 
     /// The explicit `--xdp-tx on` set-up: agents started from now on send
@@ -420,7 +421,8 @@ impl Cluster {
             .args(["--node-name", &host.name, "--zone", &host.zone])
             .args(["--node-ip", &host.ip.to_string(), "--bpffs"])
             .arg(&host.bpffs)
-            .args(["--external-iface", "eth0", "--xdp", self.xdp])
+            .args(["--external-iface", "eth0"])
+            .args(self.xdp.map(|mode| ["--xdp", mode]).iter().flatten())
             .args(if self.xdp_tx {
                 &["--xdp-tx", "on"][..]
             } else {
@@ -448,7 +450,8 @@ impl Cluster {
         if !extra_args.windows(2).any(|w| w == ["--socket-lb", "off"]) {
             pins.push(links.join("sock_connect4"));
         }
-        if self.xdp != "off" {
+        // `auto` (the default) gives a veth TC alone.
+        if self.xdp.is_some_and(|mode| mode != "off") {
             pins.push(links.join("xdp_eth0"));
         }
         eventually(

@@ -5,8 +5,9 @@
 //! the other node) and Local (the backend sees the client; a node without a
 //! local endpoint drops), with `loadBalancerSourceRanges` and the
 //! healthCheckNodePort; and a pod reaches the same addresses. Every case
-//! runs twice: with the TC program alone (`--xdp off`) and with the XDP fast
-//! path in front of it (`--xdp native`), which must give the same results.
+//! runs with the TC program alone (`--xdp off`, and the default `auto` on
+//! these veths) and with the XDP fast path in front of it (`--xdp
+//! native`), which must give the same results.
 
 use std::{
     collections::BTreeSet,
@@ -71,9 +72,9 @@ fn service(
 }
 
 /// Two nodes, web-0 on node1, web-1 on node2, a client pod on node1, the
-/// Services above, and agents with `--xdp xdp` (and `--xdp-tx on`, in its
-/// set-up, when `xdp_tx`).
-fn cluster(xdp: &'static str, xdp_tx: bool) -> Cluster {
+/// Services above, and agents with `--xdp xdp` (the default without one;
+/// and `--xdp-tx on`, in its set-up, when `xdp_tx`).
+fn cluster(xdp: Option<&'static str>, xdp_tx: bool) -> Cluster {
     let mut cluster = Cluster::new(&["zone-a", "zone-b"]).unwrap();
     cluster.add_pod(0, "web-0", &[TARGET_PORT]).unwrap();
     cluster.add_pod(1, "web-1", &[TARGET_PORT]).unwrap();
@@ -134,7 +135,9 @@ fn cluster(xdp: &'static str, xdp_tx: bool) -> Cluster {
     cluster
         .write_manifest("north-south.yaml", &manifests.join("---\n"))
         .unwrap();
-    cluster.set_xdp(xdp);
+    if let Some(xdp) = xdp {
+        cluster.set_xdp(xdp);
+    }
     if xdp_tx {
         cluster.enable_xdp_tx().unwrap();
     }
@@ -211,7 +214,7 @@ fn xdp_tx_frames(cluster: &Cluster, node: usize) -> u64 {
         .sum()
 }
 
-fn north_south(xdp: &'static str, xdp_tx: bool) -> Cluster {
+fn north_south(xdp: Option<&'static str>, xdp_tx: bool) -> Cluster {
     let cluster = cluster(xdp, xdp_tx);
     let node_ip = |node: usize| cluster.nodes[node].ip;
     let pod_node = |reply: &Reply| usize::from(reply.from == "web-1");
@@ -285,18 +288,33 @@ fn north_south(xdp: &'static str, xdp_tx: bool) -> Cluster {
 #[test]
 fn north_south_with_tc_only() {
     require_root!();
-    let cluster = north_south("off", false);
+    let cluster = north_south(Some("off"), false);
     assert_eq!(xdp_tx_frames(&cluster, 0), 0);
 }
 
-/// Default flags on a veth whose peer runs no XDP program (a kind node's
-/// `eth0`): XDP finishes drops and local DNAT, and leaves every frame it
-/// would send back out to TC, which serves it.
+/// Default flags on a veth (a kind node's `eth0`): `--xdp auto` leaves it
+/// to TC alone, where native XDP would cost more than it saves.
 #[test]
-fn north_south_with_xdp_native_by_default() {
+fn north_south_with_default_flags_is_tc_only_on_a_veth() {
     require_root!();
-    let cluster = north_south("native", false);
-    assert_eq!(xdp_tx_frames(&cluster, 0), 0, "XDP_TX on a veth by default");
+    let cluster = north_south(None, false);
+    assert_eq!(xdp_tx_frames(&cluster, 0), 0);
+    let log = cluster.agent_log(0);
+    assert!(
+        log.contains("driver=veth") && log.contains("TC only"),
+        "the agent says why:
+{log}"
+    );
+}
+
+/// Native XDP asked for on a veth whose peer runs no XDP program: XDP
+/// finishes drops and local DNAT, and leaves every frame it would send
+/// back out to TC, which serves it.
+#[test]
+fn north_south_with_xdp_native() {
+    require_root!();
+    let cluster = north_south(Some("native"), false);
+    assert_eq!(xdp_tx_frames(&cluster, 0), 0, "XDP_TX on a veth unasked");
     let log = cluster.agent_log(0);
     assert!(
         log.contains("driver=veth") && log.contains("frames to send back out go to TC"),
@@ -309,7 +327,7 @@ fn north_south_with_xdp_native_by_default() {
 #[test]
 fn north_south_with_xdp_tx() {
     require_root!();
-    let cluster = north_south("native", true);
+    let cluster = north_south(Some("native"), true);
     // The fast path did send SNATed flows and their replies back out itself.
     assert!(xdp_tx_frames(&cluster, 0) > 0, "no XDP_TX on node1");
 }

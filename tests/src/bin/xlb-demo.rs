@@ -105,10 +105,9 @@ fn sample() -> Result<()> {
     );
     cluster.write_manifest("nodeport.yaml", &nodeport_manifests(&cluster))?;
     println!(
-        "\n== xlb agent on each node (file source: {}; XDP on eth0)",
+        "\n== xlb agent on each node (file source: {}; default flags)",
         cluster.manifests().display()
     );
-    cluster.set_xdp("native");
     cluster.start_agents()?;
     let client = cluster.pod("client");
     println!(
