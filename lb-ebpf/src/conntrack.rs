@@ -297,6 +297,38 @@ pub fn create(
     })
 }
 
+/// Atomically replaces `*word` with `new` if it holds `old`; whether it did.
+/// The BPF target's spec has no compare-and-swap (the kernel has had it
+/// since 5.12), so there it is the intrinsic (the build sets
+/// RUSTC_BOOTSTRAP for `build-std` already); host builds (checks only) use
+/// the standard atomic.
+///
+/// # Safety
+/// `word` is valid and 8-byte aligned.
+#[inline(always)]
+unsafe fn compare_and_swap(word: *mut u64, old: u64, new: u64) -> bool {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's.
+    let (_, swapped) = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(word, old, new)
+    };
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: the caller's.
+    let swapped = unsafe { core::sync::atomic::AtomicU64::from_ptr(word) }
+        .compare_exchange(
+            old,
+            new,
+            core::sync::atomic::Ordering::SeqCst,
+            core::sync::atomic::Ordering::Relaxed,
+        )
+        .is_ok();
+    swapped
+}
+
 /// Gives back the SNAT port of `old`, the flow a new one replaces, while
 /// its reply entry is still that flow's (the tuple may have passed to
 /// another flow since it expired).
@@ -447,14 +479,8 @@ fn take_over_closed(key: &CtKey, entry: &CtEntry) -> bool {
     claimed[4..6].copy_from_slice(&entry.nat_port.to_ne_bytes());
     claimed[6] = entry.state;
     claimed[7] = entry.flags;
-    // SAFETY: as above; an atomic compare-and-swap on the map value.
-    let (_, won) = unsafe {
-        core::intrinsics::atomic_cxchg::<
-            u64,
-            { core::intrinsics::AtomicOrdering::SeqCst },
-            { core::intrinsics::AtomicOrdering::SeqCst },
-        >(word, seen, u64::from_ne_bytes(claimed))
-    };
+    // SAFETY: as above.
+    let won = unsafe { compare_and_swap(word, seen, u64::from_ne_bytes(claimed)) };
     if !won {
         return false;
     }

@@ -1,9 +1,8 @@
 //! xlb's kernel programs. Entry points only: each adapts its context, runs
 //! the pipeline in [`lb`] and returns the verdict that pipeline computed.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
-// The BPF target has no `compare_exchange` (its spec says no CAS, which
-// the kernel has had since 5.12): conntrack's SNAT-tuple claim uses the
-// intrinsic (the build sets RUSTC_BOOTSTRAP for `build-std` already).
+// Conntrack's SNAT-tuple claim needs a compare-and-swap, which the BPF
+// target offers only as an intrinsic (see `conntrack::compare_and_swap`).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 

@@ -215,7 +215,7 @@ fn main() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("{FONT}: not a font"))?;
     let out = Path::new("docs/bench");
     std::fs::create_dir_all(out)?;
-    let sections: [(&str, fn(&[Row], &Path) -> Result<String>); 3] = [
+    let sections: [(&str, Report); 3] = [
         ("e2e", e2e_report),
         ("sync", sync_report),
         ("north-south", north_south_report),
@@ -234,6 +234,10 @@ fn main() -> Result<()> {
     }
     Ok(())
 }
+
+/// A benchmark's report: its rows in, its Markdown out (plots written to
+/// the directory given).
+type Report = fn(&[Row], &Path) -> Result<String>;
 
 /// What every report says first: the run and the machine.
 fn preamble(command: &str) -> String {
