@@ -17,6 +17,12 @@ pub trait Dataplane {
     fn read(&self) -> Result<State, Error>;
     /// One write.
     fn write(&mut self, op: &Op) -> Result<(), Error>;
+
+    /// Writes of one kind (all to one map), at once where the map allows;
+    /// on a failure, some may be written.
+    fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
+        ops.iter().try_for_each(|op| self.write(op))
+    }
     /// Drops the ClientIP affinity entries of these frontends (deleted, or
     /// their affinity turned off): a later Service never inherits them.
     fn forget_affinity(&mut self, frontend_ids: &BTreeSet<u32>) -> Result<(), Error>;
@@ -122,6 +128,57 @@ impl Dataplane for Maps {
     fn write_filters(&mut self, words: &[(u32, u64)]) -> Result<(), Error> {
         crate::conntrack::update_batched(self.addr_filter.map(), words)
             .map_err(|e| Error::MapWalk(lb_common::maps::ADDR_FILTER, e))
+    }
+
+    fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
+        use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS};
+        let batched =
+            |name, result: std::io::Result<()>| result.map_err(|e| Error::MapWalk(name, e));
+        // One `BPF_MAP_UPDATE_BATCH` for the kinds a large sync writes by
+        // the ten thousand; the rest one by one.
+        match ops.first() {
+            Some(Op::PutBackend(..)) => {
+                let entries: Option<Vec<_>> = ops
+                    .iter()
+                    .map(|op| match *op {
+                        Op::PutBackend(id, value) => Some((id, value)),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(entries) = entries {
+                    let map = self.backends.map();
+                    return batched(BACKENDS, crate::conntrack::update_batched(map, &entries));
+                }
+            }
+            Some(Op::PutSlot(..)) => {
+                let entries: Option<Vec<_>> = ops
+                    .iter()
+                    .map(|op| match *op {
+                        Op::PutSlot(key, id) => Some((key, id)),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(entries) = entries {
+                    let map = self.slots.map();
+                    return batched(SLOTS, crate::conntrack::update_batched(map, &entries));
+                }
+            }
+            Some(Op::PutFrontend(..)) => {
+                let entries: Option<Vec<_>> = ops
+                    .iter()
+                    .map(|op| match *op {
+                        Op::PutFrontend(key, value) => Some((key, value)),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(entries) = entries {
+                    let map = self.frontends.map();
+                    return batched(FRONTENDS, crate::conntrack::update_batched(map, &entries));
+                }
+            }
+            _ => {}
+        }
+        ops.iter().try_for_each(|op| self.write(op))
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {

@@ -56,6 +56,10 @@ pub struct Syncer<D> {
     retry: Option<(Instant, Duration)>,
 }
 
+/// From this many frontend units on, a plan's writes go in batches (see
+/// `Syncer::apply_batched`).
+const BATCH_FROM: usize = 64;
+
 /// What one sync did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
@@ -273,11 +277,14 @@ impl<D: Dataplane> Syncer<D> {
         let words = self
             .mirror
             .filter_before_all(plan.frontends.iter().flat_map(|unit| &unit.writes));
-        let _ = self.write_filters(words);
+        let filters_written = self.write_filters(words).is_ok();
         let mut held = BTreeSet::new();
         self.unprogrammed.extend(unprogrammed);
         self.write_all(&plan.service_addrs, report, problems);
-        for unit in &plan.frontends {
+        let batched = filters_written
+            && plan.frontends.len() >= BATCH_FROM
+            && self.apply_batched(&plan.frontends, report);
+        for unit in plan.frontends.iter().filter(|_| !batched) {
             let (done, failure) = self.apply_unit(&unit.writes);
             report.writes += done;
             if let Some(err) = failure {
@@ -387,12 +394,18 @@ impl<D: Dataplane> Syncer<D> {
         }
         let removed = self.mirror.removed_addr(op);
         self.dataplane.write(op)?;
-        self.mirror.apply(op);
+        self.written(op);
         if let Some((index, word)) = removed.and_then(|removed| self.mirror.filter_after(removed)) {
             // A bit left set only costs lookups: the next full check
             // clears it.
             let _ = self.write_filter(index, word);
         }
+        Ok(())
+    }
+
+    /// Records a write the maps took.
+    fn written(&mut self, op: &Op) {
+        self.mirror.apply(op);
         match *op {
             Op::PutBackend(id, backend) if backend.flags & backend_flags::DRAINING != 0 => {
                 self.draining_since.entry(id).or_insert_with(Instant::now);
@@ -402,7 +415,51 @@ impl<D: Dataplane> Syncer<D> {
             }
             _ => {}
         }
-        Ok(())
+    }
+
+    /// Applies a large plan's units (a cold sync, a re-list) a kind of
+    /// write at a time: every unit's backends in one batch, then their
+    /// slots, their source ranges, their frontend entries — each unit's
+    /// order is kept, so a frontend still never points at what is not
+    /// there yet. Whether it all went in; if not, the caller applies the
+    /// units one by one (the writes are idempotent), so a failure stays
+    /// with its frontend as in a small plan.
+    fn apply_batched(&mut self, units: &[diff::FrontendWrites], report: &mut SyncReport) -> bool {
+        let ops = || units.iter().flat_map(|unit| unit.writes.iter());
+        // Every pre-filter word the units need was written before.
+        if ops().any(|op| self.mirror.filter_before(op).is_some()) {
+            return false;
+        }
+        let kinds: [fn(&Op) -> bool; 4] = [
+            |op| matches!(op, Op::PutBackend(..)),
+            |op| matches!(op, Op::PutSlot(..)),
+            |op| matches!(op, Op::PutSourceRange(..)),
+            |op| matches!(op, Op::PutFrontend(..)),
+        ];
+        if ops().any(|op| !kinds.iter().any(|kind| kind(op))) {
+            return false;
+        }
+        let mut writes = 0;
+        for kind in kinds {
+            let batch: Vec<Op> = ops().filter(|op| kind(op)).copied().collect();
+            // A slot only for a backend in the maps and in service.
+            let unserved = batch.iter().any(|op| match op {
+                Op::PutSlot(_, id) => self
+                    .mirror
+                    .state()
+                    .backends
+                    .get(id)
+                    .is_none_or(|b| b.flags & backend_flags::DRAINING != 0),
+                _ => false,
+            });
+            if unserved || self.dataplane.write_batch(&batch).is_err() {
+                return false;
+            }
+            batch.iter().for_each(|op| self.written(op));
+            writes += batch.len();
+        }
+        report.writes += writes;
+        true
     }
 
     fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
@@ -722,6 +779,8 @@ mod failures {
     struct Flaky {
         state: State,
         fails: fn(&Op) -> bool,
+        /// Batches written (each a kind of write for many frontends).
+        batches: usize,
     }
 
     impl Dataplane for Flaky {
@@ -745,6 +804,11 @@ mod failures {
             Ok(())
         }
 
+        fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
+            self.batches += 1;
+            ops.iter().try_for_each(|op| self.write(op))
+        }
+
         fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
             self.state.write_filter(index, word)
         }
@@ -761,10 +825,60 @@ mod failures {
             Flaky {
                 state: State::default(),
                 fails,
+                batches: 0,
             },
             Model::new(Node::default()),
         )
         .unwrap()
+    }
+
+    /// `count` Services over 2 endpoints each (10.244.x.1-2), as YAML.
+    fn many(count: u32) -> Snapshot {
+        let mut yaml = String::new();
+        for i in 0..count {
+            yaml.push_str(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.{}.1]}}, {{addresses: [10.244.{}.2]}}]\n---\n",
+                i / 250,
+                i % 250 + 1,
+                i % 250,
+                i % 250,
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        parse_into("test", &yaml, &mut snapshot);
+        snapshot
+    }
+
+    #[test]
+    fn a_large_plan_goes_in_batches_and_a_failed_batch_unit_by_unit() {
+        let snapshot = many(200);
+        // Nothing fails: a batch per kind (backends, slots, ranges, entries).
+        let mut syncer = flaky(|_| false);
+        let report = syncer.sync_snapshot(&snapshot, &Node::default());
+        assert_eq!(syncer.dataplane().batches, 4);
+        assert_eq!((report.failed_writes, report.frontends), (0, 200));
+        let reference = syncer.dataplane().state.clone();
+        // One backend cannot be written: the batch fails, the units go
+        // one by one, and only the frontend of that backend is held back.
+        let mut syncer =
+            flaky(|op| matches!(op, Op::PutBackend(_, b) if b.addr == ipv4_raw([10, 244, 7, 1])));
+        let report = syncer.sync_snapshot(&snapshot, &Node::default());
+        assert_eq!(syncer.dataplane().batches, 1, "the backends' batch failed");
+        assert!(report.failed_writes > 0);
+        let held: Vec<_> = report
+            .new_problems
+            .iter()
+            .map(|p| p.object.clone())
+            .collect();
+        assert!(held.iter().all(|o| o == "Service default/s7"), "{held:?}");
+        assert_eq!(report.frontends, 199);
+        let programmed = &syncer.dataplane().state;
+        assert_eq!(
+            programmed.frontends.len() + 1,
+            reference.frontends.len(),
+            "all but one"
+        );
     }
 
     /// Services `a` (10.96.0.1) over 10.244.1.1 and `b` (10.96.0.2) over
