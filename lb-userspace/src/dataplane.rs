@@ -131,54 +131,37 @@ impl Dataplane for Maps {
     }
 
     fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
-        use lb_common::maps::{BACKENDS, FRONTENDS, SLOTS};
-        let batched =
-            |name, result: std::io::Result<()>| result.map_err(|e| Error::MapWalk(name, e));
+        use lb_common::maps::{BACKENDS, FRONTEND_NAMES, FRONTENDS, SERVICE_ADDRS, SLOTS};
         // One `BPF_MAP_UPDATE_BATCH` for the kinds a large sync writes by
         // the ten thousand; the rest one by one.
-        match ops.first() {
-            Some(Op::PutBackend(..)) => {
-                let entries: Option<Vec<_>> = ops
-                    .iter()
-                    .map(|op| match *op {
-                        Op::PutBackend(id, value) => Some((id, value)),
-                        _ => None,
-                    })
-                    .collect();
-                if let Some(entries) = entries {
-                    let map = self.backends.map();
-                    return batched(BACKENDS, crate::conntrack::update_batched(map, &entries));
-                }
+        let written = match ops.first() {
+            Some(Op::PutBackend(..)) => batch(&self.backends, BACKENDS, ops, |op| match *op {
+                Op::PutBackend(id, value) => Some((id, value)),
+                _ => None,
+            }),
+            Some(Op::PutSlot(..)) => batch(&self.slots, SLOTS, ops, |op| match *op {
+                Op::PutSlot(key, id) => Some((key, id)),
+                _ => None,
+            }),
+            Some(Op::PutFrontend(..)) => batch(&self.frontends, FRONTENDS, ops, |op| match *op {
+                Op::PutFrontend(key, value) => Some((key, value)),
+                _ => None,
+            }),
+            Some(Op::PutFrontendName(..)) => {
+                batch(&self.frontend_names, FRONTEND_NAMES, ops, |op| match *op {
+                    Op::PutFrontendName(id, name) => Some((id, name)),
+                    _ => None,
+                })
             }
-            Some(Op::PutSlot(..)) => {
-                let entries: Option<Vec<_>> = ops
-                    .iter()
-                    .map(|op| match *op {
-                        Op::PutSlot(key, id) => Some((key, id)),
-                        _ => None,
-                    })
-                    .collect();
-                if let Some(entries) = entries {
-                    let map = self.slots.map();
-                    return batched(SLOTS, crate::conntrack::update_batched(map, &entries));
-                }
+            Some(Op::PutServiceAddr(..)) => {
+                batch(&self.service_addrs, SERVICE_ADDRS, ops, |op| match *op {
+                    Op::PutServiceAddr(addr) => Some((addr, 1u8)),
+                    _ => None,
+                })
             }
-            Some(Op::PutFrontend(..)) => {
-                let entries: Option<Vec<_>> = ops
-                    .iter()
-                    .map(|op| match *op {
-                        Op::PutFrontend(key, value) => Some((key, value)),
-                        _ => None,
-                    })
-                    .collect();
-                if let Some(entries) = entries {
-                    let map = self.frontends.map();
-                    return batched(FRONTENDS, crate::conntrack::update_batched(map, &entries));
-                }
-            }
-            _ => {}
-        }
-        ops.iter().try_for_each(|op| self.write(op))
+            _ => None,
+        };
+        written.unwrap_or_else(|| ops.iter().try_for_each(|op| self.write(op)))
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {
@@ -252,6 +235,18 @@ impl Dataplane for Maps {
         }
         Ok(())
     }
+}
+
+/// `ops` into hash map `map` (named `name`) in one batch, when `entry`
+/// gives every one's key and value; `None` when one is of another kind.
+fn batch<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &'static str,
+    ops: &[Op],
+    entry: impl Fn(&Op) -> Option<(K, V)>,
+) -> Option<Result<(), Error>> {
+    let entries: Vec<(K, V)> = ops.iter().map(entry).collect::<Option<_>>()?;
+    Some(crate::conntrack::update_batched(map.map(), &entries).map_err(|e| Error::MapWalk(name, e)))
 }
 
 /// The trie key of a source range: the frontend id is matched whole.

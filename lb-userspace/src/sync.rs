@@ -342,6 +342,20 @@ impl<D: Dataplane> Syncer<D> {
         report: &mut SyncReport,
         problems: &mut BTreeSet<Problem>,
     ) -> bool {
+        // Many writes of one kind (a cold sync's names and service
+        // addresses) in one batch; one by one when it fails, or when a
+        // write also needs a pre-filter word.
+        let batchable = ops.len() >= BATCH_FROM
+            && ops.iter().all(|op| {
+                std::mem::discriminant(op) == std::mem::discriminant(&ops[0])
+                    && self.mirror.filter_before(op).is_none()
+                    && self.mirror.removed_addr(op).is_none()
+            });
+        if batchable && self.dataplane.write_batch(ops).is_ok() {
+            ops.iter().for_each(|op| self.written(op));
+            report.writes += ops.len();
+            return true;
+        }
         let mut all = true;
         for op in ops {
             match self.write(op) {
@@ -853,10 +867,11 @@ mod failures {
     #[test]
     fn a_large_plan_goes_in_batches_and_a_failed_batch_unit_by_unit() {
         let snapshot = many(200);
-        // Nothing fails: a batch per kind (backends, slots, ranges, entries).
+        // Nothing fails: a batch per kind (service addresses; backends,
+        // slots, ranges, entries; names).
         let mut syncer = flaky(|_| false);
         let report = syncer.sync_snapshot(&snapshot, &Node::default());
-        assert_eq!(syncer.dataplane().batches, 4);
+        assert_eq!(syncer.dataplane().batches, 6);
         assert_eq!((report.failed_writes, report.frontends), (0, 200));
         let reference = syncer.dataplane().state.clone();
         // One backend cannot be written: the batch fails, the units go
@@ -864,7 +879,11 @@ mod failures {
         let mut syncer =
             flaky(|op| matches!(op, Op::PutBackend(_, b) if b.addr == ipv4_raw([10, 244, 7, 1])));
         let report = syncer.sync_snapshot(&snapshot, &Node::default());
-        assert_eq!(syncer.dataplane().batches, 1, "the backends' batch failed");
+        assert_eq!(
+            syncer.dataplane().batches,
+            3,
+            "service addresses, the backends' (failed), names"
+        );
         assert!(report.failed_writes > 0);
         let held: Vec<_> = report
             .new_problems
