@@ -114,6 +114,14 @@ pub struct CtEntry {
     pub pad: u16,
 }
 map_type!(CtEntry, 32);
+// The datapath claims a closed flow's SNAT tuple with a compare-and-swap of
+// the 64-bit word at offset 8 (`lb-ebpf` `take_over_closed`).
+const _: () = {
+    assert!(core::mem::offset_of!(CtEntry, nat_addr) == 8);
+    assert!(core::mem::offset_of!(CtEntry, nat_port) == 12);
+    assert!(core::mem::offset_of!(CtEntry, state) == 14);
+    assert!(core::mem::offset_of!(CtEntry, flags) == 15);
+};
 
 const SECOND_NS: u64 = 1_000_000_000;
 /// A TCP flow that has seen only its SYN (Cilium and netfilter: 60 s).

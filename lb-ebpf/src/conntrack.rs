@@ -339,8 +339,12 @@ fn release_snat_port(flow: &Flow, old: &CtEntry) {
     }
     let reply_key = peer_key(flow, direction::FORWARD, old);
     // SAFETY: copied out at once.
-    let ours = unsafe { CONNTRACK.get(reply_key) }
-        .is_some_and(|reply| reply.peer_addr == flow.saddr && reply.peer_port == flow.sport);
+    let ours = unsafe { CONNTRACK.get(reply_key) }.is_some_and(|reply| {
+        reply.peer_addr == flow.saddr
+            && reply.peer_port == flow.sport
+            && reply.nat_addr == flow.daddr
+            && reply.nat_port == flow.dport
+    });
     if ours {
         remove(&reply_key);
     }
@@ -459,12 +463,22 @@ fn take_snat_port(
 /// the new flow's: of CPUs racing for one tuple only one wins, and the
 /// others see a state that is no longer closed. The rest is written in
 /// place after, the timestamp last (no reply can come before the SYN is
-/// out).
+/// out). The old flow's forward entry goes, as netfilter kills the old
+/// connection: a late packet of the old client starts a flow of its own
+/// instead of reaching the backend on the new connection's tuple. An
+/// expired entry is left to the agent's walk, which deletes it (taking it
+/// over would race with that delete).
 #[inline(always)]
 fn take_over_closed(key: &CtKey, entry: &CtEntry) -> bool {
     let Some(held) = CONNTRACK.get_ptr_mut(key) else {
         return false;
     };
+    // SAFETY: a valid map value pointer; copied out (a torn copy only
+    // fails the checks below, or names a forward entry that is checked).
+    let old = unsafe { *held };
+    if old.is_expired(key.proto, entry.last_seen_ns) {
+        return false;
+    }
     // SAFETY: a valid map value pointer; `nat_addr`, `nat_port`, `state`
     // and `flags` form the aligned 64-bit word at offset 8 (`CtEntry` is
     // repr(C), 8-byte aligned).
@@ -492,6 +506,27 @@ fn take_over_closed(key: &CtKey, entry: &CtEntry) -> bool {
         core::ptr::write_volatile(&mut held.peer_addr, entry.peer_addr);
         core::ptr::write_volatile(&mut held.peer_port, entry.peer_port);
         core::ptr::write_volatile(&mut held.last_seen_ns, entry.last_seen_ns);
+    }
+    // The old flow's forward entry, while it still sends to this tuple
+    // (its client may have reopened from the same port meanwhile).
+    let old_forward = CtKey {
+        saddr: old.peer_addr,
+        daddr: old.nat_addr,
+        sport: old.peer_port,
+        dport: old.nat_port,
+        proto: key.proto,
+        direction: direction::FORWARD,
+        pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let still_ours = unsafe { CONNTRACK.get(old_forward) }.is_some_and(|forward| {
+        forward.nat_addr == key.saddr
+            && forward.nat_port == key.sport
+            && forward.peer_addr == key.daddr
+            && forward.peer_port == key.dport
+    });
+    if still_ours {
+        remove(&old_forward);
     }
     true
 }

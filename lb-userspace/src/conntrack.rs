@@ -151,6 +151,15 @@ pub(crate) fn update_batched<K: Copy, V: Copy>(
     map: &MapData,
     entries: &[(K, V)],
 ) -> std::io::Result<()> {
+    update_batched_counted(map, entries).map_err(|(_, err)| err)
+}
+
+/// [`update_batched`], telling on a failure how many entries went in
+/// before it (the kernel's count).
+pub(crate) fn update_batched_counted<K: Copy, V: Copy>(
+    map: &MapData,
+    entries: &[(K, V)],
+) -> Result<(), (usize, std::io::Error)> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -163,7 +172,7 @@ pub(crate) fn update_batched<K: Copy, V: Copy>(
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         ..BatchAttr::default()
     };
-    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map_err(|err| (attr.count as usize, err))
 }
 
 /// The socket path's pinned reverse map, counted at each walk.

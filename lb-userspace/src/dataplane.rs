@@ -19,9 +19,10 @@ pub trait Dataplane {
     fn write(&mut self, op: &Op) -> Result<(), Error>;
 
     /// Writes of one kind (all to one map), at once where the map allows;
-    /// on a failure, some may be written.
-    fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
-        ops.iter().try_for_each(|op| self.write(op))
+    /// on a failure, how many went in before it (the caller writes the
+    /// rest one by one, which tells what failed).
+    fn write_batch(&mut self, ops: &[Op]) -> Result<(), usize> {
+        one_by_one(self, ops)
     }
     /// Drops the ClientIP affinity entries of these frontends (deleted, or
     /// their affinity turned off): a later Service never inherits them.
@@ -130,38 +131,33 @@ impl Dataplane for Maps {
             .map_err(|e| Error::MapWalk(lb_common::maps::ADDR_FILTER, e))
     }
 
-    fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
-        use lb_common::maps::{BACKENDS, FRONTEND_NAMES, FRONTENDS, SERVICE_ADDRS, SLOTS};
+    fn write_batch(&mut self, ops: &[Op]) -> Result<(), usize> {
         // One `BPF_MAP_UPDATE_BATCH` for the kinds a large sync writes by
         // the ten thousand; the rest one by one.
         let written = match ops.first() {
-            Some(Op::PutBackend(..)) => batch(&self.backends, BACKENDS, ops, |op| match *op {
+            Some(Op::PutBackend(..)) => batch(&self.backends, ops, |op| match *op {
                 Op::PutBackend(id, value) => Some((id, value)),
                 _ => None,
             }),
-            Some(Op::PutSlot(..)) => batch(&self.slots, SLOTS, ops, |op| match *op {
+            Some(Op::PutSlot(..)) => batch(&self.slots, ops, |op| match *op {
                 Op::PutSlot(key, id) => Some((key, id)),
                 _ => None,
             }),
-            Some(Op::PutFrontend(..)) => batch(&self.frontends, FRONTENDS, ops, |op| match *op {
+            Some(Op::PutFrontend(..)) => batch(&self.frontends, ops, |op| match *op {
                 Op::PutFrontend(key, value) => Some((key, value)),
                 _ => None,
             }),
-            Some(Op::PutFrontendName(..)) => {
-                batch(&self.frontend_names, FRONTEND_NAMES, ops, |op| match *op {
-                    Op::PutFrontendName(id, name) => Some((id, name)),
-                    _ => None,
-                })
-            }
-            Some(Op::PutServiceAddr(..)) => {
-                batch(&self.service_addrs, SERVICE_ADDRS, ops, |op| match *op {
-                    Op::PutServiceAddr(addr) => Some((addr, 1u8)),
-                    _ => None,
-                })
-            }
+            Some(Op::PutFrontendName(..)) => batch(&self.frontend_names, ops, |op| match *op {
+                Op::PutFrontendName(id, name) => Some((id, name)),
+                _ => None,
+            }),
+            Some(Op::PutServiceAddr(..)) => batch(&self.service_addrs, ops, |op| match *op {
+                Op::PutServiceAddr(addr) => Some((addr, 1u8)),
+                _ => None,
+            }),
             _ => None,
         };
-        written.unwrap_or_else(|| ops.iter().try_for_each(|op| self.write(op)))
+        written.unwrap_or_else(|| one_by_one(self, ops))
     }
 
     fn write(&mut self, op: &Op) -> Result<(), Error> {
@@ -237,16 +233,24 @@ impl Dataplane for Maps {
     }
 }
 
-/// `ops` into hash map `map` (named `name`) in one batch, when `entry`
-/// gives every one's key and value; `None` when one is of another kind.
+/// `ops` written one at a time until one fails; on a failure, how many
+/// went in.
+fn one_by_one(dataplane: &mut (impl Dataplane + ?Sized), ops: &[Op]) -> Result<(), usize> {
+    for (done, op) in ops.iter().enumerate() {
+        dataplane.write(op).map_err(|_| done)?;
+    }
+    Ok(())
+}
+
+/// `ops` into hash map `map` in one batch, when `entry` gives every one's
+/// key and value; `None` when one is of another kind.
 fn batch<K: aya::Pod, V: aya::Pod>(
     map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-    name: &'static str,
     ops: &[Op],
     entry: impl Fn(&Op) -> Option<(K, V)>,
-) -> Option<Result<(), Error>> {
+) -> Option<Result<(), usize>> {
     let entries: Vec<(K, V)> = ops.iter().map(entry).collect::<Option<_>>()?;
-    Some(crate::conntrack::update_batched(map.map(), &entries).map_err(|e| Error::MapWalk(name, e)))
+    Some(crate::conntrack::update_batched_counted(map.map(), &entries).map_err(|(done, _)| done))
 }
 
 /// The trie key of a source range: the frontend id is matched whole.

@@ -351,13 +351,17 @@ impl<D: Dataplane> Syncer<D> {
                     && self.mirror.filter_before(op).is_none()
                     && self.mirror.removed_addr(op).is_none()
             });
-        if batchable && self.dataplane.write_batch(ops).is_ok() {
-            ops.iter().for_each(|op| self.written(op));
-            report.writes += ops.len();
-            return true;
+        let mut done = 0;
+        if batchable {
+            done = match self.dataplane.write_batch(ops) {
+                Ok(()) => ops.len(),
+                Err(written) => written.min(ops.len()),
+            };
+            ops[..done].iter().for_each(|op| self.written(op));
+            report.writes += done;
         }
         let mut all = true;
-        for op in ops {
+        for op in &ops[done..] {
             match self.write(op) {
                 Ok(()) => report.writes += 1,
                 Err(err) => {
@@ -466,10 +470,19 @@ impl<D: Dataplane> Syncer<D> {
                     .is_none_or(|b| b.flags & backend_flags::DRAINING != 0),
                 _ => false,
             });
-            if unserved || self.dataplane.write_batch(&batch).is_err() {
+            if unserved {
                 return false;
             }
-            batch.iter().for_each(|op| self.written(op));
+            // What went in before a failure is recorded: the units then
+            // go one by one, and the record must hold what the maps do.
+            let written = match self.dataplane.write_batch(&batch) {
+                Ok(()) => batch.len(),
+                Err(done) => done.min(batch.len()),
+            };
+            batch[..written].iter().for_each(|op| self.written(op));
+            if written < batch.len() {
+                return false;
+            }
             writes += batch.len();
         }
         report.writes += writes;
@@ -818,9 +831,12 @@ mod failures {
             Ok(())
         }
 
-        fn write_batch(&mut self, ops: &[Op]) -> Result<(), Error> {
+        fn write_batch(&mut self, ops: &[Op]) -> Result<(), usize> {
             self.batches += 1;
-            ops.iter().try_for_each(|op| self.write(op))
+            for (done, op) in ops.iter().enumerate() {
+                self.write(op).map_err(|_| done)?;
+            }
+            Ok(())
         }
 
         fn write_filter(&mut self, index: u32, word: u64) -> Result<(), Error> {
@@ -898,6 +914,12 @@ mod failures {
             reference.frontends.len(),
             "all but one"
         );
+        // The record holds what the maps hold, the batch's written prefix
+        // included.
+        let record = syncer.mirror.state();
+        assert_eq!(record.backends, programmed.backends);
+        assert_eq!(record.slots, programmed.slots);
+        assert_eq!(record.frontends, programmed.frontends);
     }
 
     /// Services `a` (10.96.0.1) over 10.244.1.1 and `b` (10.96.0.2) over

@@ -375,7 +375,9 @@ pub fn cpu_busy() -> Result<Duration> {
 }
 
 /// xlb's programs by name: run count and run time so far (kernel
-/// statistics, counted while `kernel.bpf_stats_enabled` is 1).
+/// statistics, counted while `kernel.bpf_stats_enabled` is 1), summed over
+/// every loaded program of that name — the benchmark's one agent's, so
+/// nothing else loading xlb may run beside it.
 pub fn bpf_run_stats() -> Result<BTreeMap<String, (u64, u64)>> {
     let out = run(std::process::Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;

@@ -314,8 +314,8 @@ fn a_reopened_client_tuple_takes_back_its_snat_port() {
 
 /// A closed flow's SNAT tuple goes to the next new connection that needs
 /// it, another client's (as netfilter lets a SYN reuse a closing
-/// connection's tuple): closed flows do not hold the SNAT range's ports for
-/// their closing time.
+/// connection's tuple, killing the old one): closed flows do not hold the
+/// SNAT range's ports for their closing time.
 #[test]
 fn a_new_connection_takes_over_a_closed_flows_snat_tuple() {
     require_root!();
@@ -349,6 +349,13 @@ fn a_new_connection_takes_over_a_closed_flows_snat_tuple() {
             "{hook:?}: replies go to the new client"
         );
         assert_eq!(reply.state, lb_common::ct_state::NEW, "{hook:?}");
+        // The old flow is gone with its tuple: its client's late packets
+        // start a flow of their own, never the new connection's.
+        let old_forward = key(first, NODE_PORT, PROTO_TCP, direction::FORWARD);
+        assert!(
+            lb.conntrack().iter().all(|(k, _)| *k != old_forward),
+            "{hook:?}: the old flow's forward entry is left"
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! `cargo xtask bench north-south`: a client outside the cluster through
 //! node1 in every mode — no load balancer ("direct": routed straight to
 //! the backends), kube-proxy's iptables rules, its nftables rules, xlb with
-//! TC only (`xlb-tc`) and xlb with its default XDP (`xlb-xdp`) — over
+//! TC only (`xlb-tc`, what the default `--xdp auto` gives a veth) and xlb
+//! with native XDP in front of TC (`xlb-xdp`) — over
 //! three paths (see `xlb_tests::bench_ns`), at several numbers of
 //! Services. Per point: new-connection rate and connect latency,
 //! kept-alive and UDP request rates, the machine's busy CPU time per
@@ -156,7 +157,7 @@ fn main() -> Result<()> {
                         let after = bench_ns::bpf_run_stats()?;
                         let (runs, ns) = after.iter().fold((0, 0), |(runs, ns), (name, a)| {
                             let b = before.get(name).copied().unwrap_or_default();
-                            (runs + a.0 - b.0, ns + a.1 - b.1)
+                            (runs + a.0.saturating_sub(b.0), ns + a.1.saturating_sub(b.1))
                         });
                         let (ns_metric, runs_metric) = load.bpf_metrics();
                         rows.push(Row::of(point, ns_metric, "ns", &[ns as f64 / requests]));
@@ -172,8 +173,9 @@ fn main() -> Result<()> {
                                 let b = before.get(name).copied().unwrap_or_default();
                                 format!(
                                     "{name} {:.1} runs x {:.0} ns",
-                                    (a.0 - b.0) as f64 / requests,
-                                    (a.1 - b.1) as f64 / (a.0 - b.0).max(1) as f64
+                                    a.0.saturating_sub(b.0) as f64 / requests,
+                                    a.1.saturating_sub(b.1) as f64
+                                        / a.0.saturating_sub(b.0).max(1) as f64
                                 )
                             })
                             .collect();
