@@ -76,6 +76,33 @@ impl BenchService {
     }
 }
 
+/// kube-proxy's two proxy modes, as the benchmarks load them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rules {
+    Iptables,
+    Nftables,
+}
+
+/// Loads `services`' rules in `ns` (a node), the whole table at once, as
+/// kube-proxy's first sync does.
+pub fn load(
+    ns: &crate::netns::Netns,
+    rules: Rules,
+    services: &[BenchService],
+) -> anyhow::Result<()> {
+    match rules {
+        Rules::Iptables => crate::netns::run_with_input(
+            &mut ns.command("iptables-restore"),
+            &iptables_restore(services),
+        ),
+        Rules::Nftables => crate::netns::run_with_input(
+            ns.command("nft").args(["-f", "-"]),
+            &nft_ruleset(services),
+        ),
+    }
+    .map(drop)
+}
+
 /// The whole `nat` table of kube-proxy's iptables mode for `services`, in
 /// their order (a packet walks KUBE-SERVICES rule by rule).
 pub fn iptables_restore(services: &[BenchService]) -> String {

@@ -20,7 +20,7 @@ use crate::{
     baseline::{self, BenchService},
     cluster::Cluster,
     manifests::{Endpoint, Port, documents, endpoint_slice, service},
-    netns::{Netns, run_with_input},
+    netns::Netns,
 };
 
 /// Where the benchmark's backends listen.
@@ -287,18 +287,8 @@ pub fn program(cluster: &mut Cluster, mode: Mode, services: &[BenchService]) -> 
     let node = &cluster.nodes[0].ns;
     match mode {
         Mode::Direct => {}
-        Mode::Iptables => {
-            run_with_input(
-                &mut node.command("iptables-restore"),
-                &baseline::iptables_restore(services),
-            )?;
-        }
-        Mode::Nftables => {
-            run_with_input(
-                node.command("nft").args(["-f", "-"]),
-                &baseline::nft_ruleset(services),
-            )?;
-        }
+        Mode::Iptables => baseline::load(node, baseline::Rules::Iptables, services)?,
+        Mode::Nftables => baseline::load(node, baseline::Rules::Nftables, services)?,
         Mode::Xlb | Mode::XlbTc => {
             cluster.write_manifest("bench.yaml", &manifests(services))?;
             let flags: &[&str] = if mode == Mode::XlbTc {

@@ -22,7 +22,7 @@ use crate::{
     cluster::Cluster,
     echo::tcp_request,
     manifests::documents,
-    netns::{run, run_with_input},
+    netns::run,
 };
 
 /// The Services' port.
@@ -305,18 +305,8 @@ pub fn program(cluster: &mut Cluster, mode: Mode, services: &[BenchService]) -> 
     let node = &cluster.nodes[0].ns;
     match mode {
         Mode::Direct => {}
-        Mode::Iptables => {
-            run_with_input(
-                &mut node.command("iptables-restore"),
-                &baseline::iptables_restore(services),
-            )?;
-        }
-        Mode::Nftables => {
-            run_with_input(
-                node.command("nft").args(["-f", "-"]),
-                &baseline::nft_ruleset(services),
-            )?;
-        }
+        Mode::Iptables => baseline::load(node, baseline::Rules::Iptables, services)?,
+        Mode::Nftables => baseline::load(node, baseline::Rules::Nftables, services)?,
         Mode::XlbTc | Mode::XlbXdp => {
             cluster.set_xdp(if mode == Mode::XlbTc { "off" } else { "native" });
             cluster.write_manifest("bench.yaml", &manifests(services))?;
