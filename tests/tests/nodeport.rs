@@ -359,6 +359,46 @@ fn a_new_connection_takes_over_a_closed_flows_snat_tuple() {
     }
 }
 
+/// The same after a whole connection closed with FINs both ways: the next
+/// SYN that needs the tuple takes it; while the flow is only half closed,
+/// it does not.
+#[test]
+fn a_connection_closed_with_fins_gives_its_snat_tuple_to_the_next() {
+    require_root!();
+    let node = NodeNs::new().unwrap();
+    for hook in HOOKS {
+        let (mut lb, _) = nodeport(PROTO_TCP, Some((REMOTE, 0)), 0);
+        let (first, second, third) = (
+            "192.168.77.200:62000",
+            "192.168.77.201:62000",
+            "192.168.77.202:62000",
+        );
+        let node_end = format!("{NODE_IP}:62000");
+        let mut send = |from: &str, to: &str, tcp_flags| {
+            let frame = Packet::tcp(from, to, tcp_flags).bytes();
+            let (_, out) = run(&mut lb, &node, hook, &frame, node.ext);
+            seen(&out.frame)
+        };
+        send(first, NODE_PORT, flags::SYN);
+        send(REMOTE, &node_end, flags::SYN | flags::ACK);
+        send(first, NODE_PORT, flags::ACK);
+        send(first, NODE_PORT, flags::FIN | flags::ACK);
+        // Half closed: the backend may still send; the tuple stays.
+        assert_ne!(
+            send(second, NODE_PORT, flags::SYN).src.port(),
+            62000,
+            "{hook:?}: a half-closed flow keeps its tuple"
+        );
+        send(REMOTE, &node_end, flags::FIN | flags::ACK);
+        send(first, NODE_PORT, flags::ACK);
+        assert_eq!(
+            send(third, NODE_PORT, flags::SYN).src.port(),
+            62000,
+            "{hook:?}: the closed flow's tuple, taken over"
+        );
+    }
+}
+
 /// The CPU that loses a SNATed flow's creation race had already taken a
 /// SNAT port: it gives it back and adopts the winner's translation.
 #[test]
