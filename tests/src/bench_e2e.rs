@@ -97,18 +97,29 @@ impl Row {
         unit: &'static str,
         samples: &[f64],
     ) -> Self {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
+        let (median, min, max) = summary(samples);
         Row {
             mode: mode.name(),
             services,
             metric,
-            median: sorted[sorted.len() / 2],
-            min: sorted[0],
-            max: sorted[sorted.len() - 1],
+            median,
+            min,
+            max,
             unit,
         }
     }
+}
+
+/// Median, min and max of `samples` (at least one): what every benchmark
+/// row reports of its repeats.
+pub fn summary(samples: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (
+        sorted[sorted.len() / 2],
+        sorted[0],
+        sorted[sorted.len() - 1],
+    )
 }
 
 /// Answers on [`PORT`] until dropped: TCP (a line per line, blocking

@@ -174,16 +174,15 @@ impl Row {
         unit: &'static str,
         samples: &[f64],
     ) -> Self {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
+        let (median, min, max) = bench_e2e::summary(samples);
         Row {
             mode: mode.name(),
             services,
             path: path.name(),
             metric,
-            median: sorted[sorted.len() / 2],
-            min: sorted[0],
-            max: sorted[sorted.len() - 1],
+            median,
+            min,
+            max,
             unit,
         }
     }
